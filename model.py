@@ -165,21 +165,23 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx  # a KV cache keys its storage by it
-        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        n_head, n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(n_head * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        # heads are counted from the projections' outputs (-1), so a tensor-parallel copy whose
+        # projections hold a slice of the heads (parallel.apply_tp) runs this same code
+        q = self.q_proj(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # a cache (dense below, paged in sampler.py) stores k/v and attends over everything stored
         y = cache.attend(self.layer_idx, q, k, v) if cache is not None else attend(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
