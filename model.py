@@ -456,12 +456,14 @@ class Qwen2VL(nn.Module):
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
-                position_ids=None, seq_ids=None, cache=None, return_hidden=False):
+                position_ids=None, seq_ids=None, cache=None, return_hidden=False, head=None):
         """input_ids (B, T); attention_mask (B, T) 1/0 padding mask; position_ids (3, B, T) override the
         computed M-RoPE positions (packing); seq_ids (B, T) mark packed samples (attention stays within
         equal ids, -1 is padding); cache: a KV cache (below, or sampler.py's paged one).
-        Returns logits (B, T, V), or the final hidden states (B, T, H) when return_hidden (the fused
-        log-prob kernels apply lm_head themselves, chunk by chunk)."""
+        Returns logits (B, T, V); the final hidden states (B, T, H) when return_hidden; or
+        head(hidden, lm_head.weight) when a head function is given: the fused log-prob and loss kernels
+        of ops.py apply lm_head themselves chunk by chunk, and inside forward they see the whole
+        weight even when FSDP shards it between calls."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         if position_ids is None:
             if cache is not None and cache.next_pos is not None:  # decoding: continue from the prompt
@@ -476,6 +478,8 @@ class Qwen2VL(nn.Module):
             cache.add_tokens(attention_mask, input_ids.shape[1])
         mask = None if cache is not None else causal_mask(attention_mask, seq_ids)  # a cache masks itself
         h = self.llm(x, position_ids, mask, cache)
+        if head is not None:
+            return head(h, self.lm_head.weight)
         return h if return_hidden else self.lm_head(h)
 
 
