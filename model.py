@@ -11,7 +11,7 @@ Numerically the same model as `transformers`' Qwen2_5_VLForConditionalGeneration
 compares logits to fp32 precision). References: Qwen2-VL (arXiv 2409.12191) for M-RoPE and the
 dynamic-resolution ViT, Qwen2.5-VL (arXiv 2502.13923) for window attention in the ViT.
 
-    python model.py                     # tiny random model: forward + greedy decode on a demo prompt
+    python model.py --model=qwen2.5-vl-72b      # shapes and parameter count, built on the meta device
     python -c "import model; m = model.build('qwen2.5-vl-72b', device='meta'); print(model.num_params(m))"
 """
 import dataclasses
@@ -869,30 +869,21 @@ def configure(cfg, argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Demo: the tiny model end to end (random weights, so the text is noise; the shapes and paths are real)
+# `python model.py --model=NAME`: a preset's shapes and parameter count, built on the meta device
 
 
 @dataclass
-class DemoConfig:
-    model: str = "tiny"            # preset name
-    init_from: str = ""            # an HF checkpoint directory to load instead of random weights
-    prompt: str = "What is 3 + 4?"
-    max_new_tokens: int = 24
-    seed: int = 0
+class ShowConfig:
+    model: str = "qwen2.5-vl-72b"   # preset name
 
 
 if __name__ == "__main__":
     import time
 
-    import processor
-
-    cfg = configure(DemoConfig())
-    torch.manual_seed(cfg.seed)
+    cfg = configure(ShowConfig())
     t0 = time.time()
-    m = load_pretrained(cfg.init_from) if cfg.init_from else build(cfg.model, seed=cfg.seed)
-    tok = processor.Tokenizer(processor.DEFAULT_TOKENIZER)
-    ids = torch.tensor([tok.encode(processor.chat_text([{"role": "user", "content": cfg.prompt}]))])
-    out = generate(m, ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=m.cfg.eos_token_id)
-    print(f"{cfg.model}: {num_params(m) / 1e6:.2f}M parameters, prompt {ids.shape[1]} tokens, "
-          f"{out.shape[1]} new tokens in {time.time() - t0:.2f}s")
-    print(repr(tok.decode(out[0].tolist())))
+    m = build(cfg.model, device="meta")
+    vision = sum(p.numel() for p in m.visual.parameters())
+    print(f"{cfg.model}: {num_params(m):,} parameters ({vision:,} in the vision tower), "
+          f"built on the meta device in {time.time() - t0:.2f}s")
+    print(m.cfg)
