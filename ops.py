@@ -7,9 +7,13 @@ lm_head weight, never holding the [tokens x vocab] logits of the whole batch.
 
 The pure-PyTorch path below works chunk by chunk (one chunk of logits at a time, recomputed in the
 backward), on any device; it is the CPU path and the oracle the CUDA kernels of csrc/ are tested
-against.
+against. On a GPU, token_logprobs (and so policy_loss) runs the same chunks through csrc/grpo_loss.cu:
+cuBLAS computes each chunk's logits into one reused buffer, the kernels do the vocabulary-wide work
+in one pass and write d-logits in place (SAFELADDER_NO_KERNELS=1 forces the reference).
 """
 import math
+import os
+import warnings
 
 import torch
 
@@ -69,10 +73,104 @@ class _TokenLogprobs(torch.autograd.Function):
         return d_hidden, (d_weight.to(weight.dtype) if d_weight is not None else None), None, None, None
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=CHUNK):
+# -----------------------------------------------------------------------------
+# CUDA path: the same chunks, logits GEMMs in cuBLAS, vocabulary-wide work in csrc/grpo_loss.cu
+
+# Tokens per chunk of logits on the CUDA path (measured on an H100, benchmarks/NOTES_grpo_loss.md): the
+# no-grad pass runs 633-652 TFLOP/s at 2048 (0.6 GB of bf16 logits at V 152064), 596-649 at 1024; with
+# gradients, fewer chunks mean fewer passes over the fp32 d-weight, and 4096 stays under Liger's memory.
+KERNEL_CHUNK, KERNEL_CHUNK_NO_GRAD = 4096, 2048
+_EXT = None
+
+
+def cuda_kernels():
+    """csrc/'s extension, JIT-built (ninja + nvcc, cached by torch) on first use; None when it cannot be."""
+    global _EXT
+    if _EXT is None:
+        try:
+            from torch.utils.cpp_extension import load
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+            _EXT = load("safeladder_grpo_loss", [os.path.join(src, f) for f in ("bindings.cpp", "grpo_loss.cu")],
+                        extra_include_paths=[src], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])
+        except Exception as e:  # NOTE: a GPU machine without a working nvcc still trains, on the slow path
+            warnings.warn(f"ops: CUDA kernels unavailable ({e}); using the PyTorch reference")
+            _EXT = False
+    return _EXT or None
+
+
+def _use_kernels(hidden, weight):
+    return (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and weight.dtype == hidden.dtype and os.environ.get("SAFELADDER_NO_KERNELS") != "1"
+            and cuda_kernels() is not None)
+
+
+def _mm_fp32(a, b, acc=None):
+    """a @ b with an fp32 result (bf16 operands stay on the tensor cores, fp32 accumulate), added in place
+    into acc when given: one chunk's d-weight never passes through bf16."""
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else acc.addmm_(a, b)
+    if acc is None:
+        return torch.mm(a, b, torch.float32)
+    return torch.addmm(acc, a, b, torch.float32, out=acc)
+
+
+class _TokenLogprobsCUDA(torch.autograd.Function):
+    """_TokenLogprobs with each chunk's logits in one reused buffer of the input dtype; the kernels
+    write lse, logp, entropy (forward) and d-logits over the buffer (backward). The target's one-hot
+    gradient g / T is the largest term of a row, so it goes around the bf16 buffer, in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        ext, stream, (N, V) = cuda_kernels(), torch.cuda.current_stream().cuda_stream, (hidden.shape[0], weight.shape[0])
+        logp, ent, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        z = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)  # (chunk, V) the one buffer
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            torch.mm(hidden[s:e], weight.t(), out=z[:e - s])
+            ext.forward(z[:e - s], targets[s:e], 1.0 / temperature, logp[s:e], ent[s:e], lse[s:e], stream)
+        ctx.save_for_backward(hidden, weight, targets, ent, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.z, ctx.z_start = z, (N - 1) // chunk * chunk  # the last chunk's logits: the backward starts there
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, d_logp, d_ent):
+        hidden, weight, targets, ent, lse = ctx.saved_tensors
+        T, chunk, (N, V) = ctx.temperature, ctx.chunk, (hidden.shape[0], weight.shape[0])
+        ext, stream = cuda_kernels(), torch.cuda.current_stream().cuda_stream
+        g = torch.zeros_like(ent) if d_logp is None else d_logp.float().contiguous()
+        e = torch.zeros_like(ent) if d_ent is None else d_ent.float().contiguous()
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = None  # fp32, written by the first chunk's GEMM, then accumulated
+        z, z_start = ctx.z, ctx.z_start
+        if z is None:  # a second backward (retain_graph): the first one overwrote the buffer
+            z, z_start = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device), -1
+        ctx.z = None
+        for s in reversed(range(0, N, chunk)):
+            h, t, dz, c = hidden[s:s + chunk], targets[s:s + chunk], z[:min(chunk, N - s)], g[s:s + chunk, None] / T
+            if s != z_start:
+                torch.mm(h, weight.t(), out=dz)                          # the forward's logits, recomputed
+            ext.backward(dz, lse[s:s + chunk], ent[s:s + chunk], g[s:s + chunk], e[s:s + chunk], 1.0 / T, stream)
+            if d_hidden is not None:
+                d_hidden[s:s + chunk] = _mm_fp32(dz, weight) + c * weight[t].float()
+            if ctx.needs_input_grad[1]:  # cuBLAS GEMM and a sort-based index_put_: deterministic
+                d_weight = _mm_fp32(dz.t(), h, acc=d_weight)
+                d_weight.index_put_((t,), c * h.float(), accumulate=True)
+        del z, dz
+        return d_hidden, (d_weight.to(weight.dtype) if d_weight is not None else None), None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None):
     """hidden (N, H), weight (V, H), targets (N,) -> fp32 (fp64 for fp64 inputs) log-probs (N,) and entropies (N,) of
-    softmax(hidden @ weight.T / temperature). Differentiable in hidden and weight."""
-    return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk))
+    softmax(hidden @ weight.T / temperature). Differentiable in hidden and weight. chunk: tokens per chunk
+    of logits (default CHUNK; on the CUDA path KERNEL_CHUNK, KERNEL_CHUNK_NO_GRAD without gradients)."""
+    if _use_kernels(hidden, weight):
+        if chunk is None:
+            grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+            chunk = KERNEL_CHUNK if grad else KERNEL_CHUNK_NO_GRAD
+        return _TokenLogprobsCUDA.apply(hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
+                                        float(temperature), int(chunk))
+    return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk or CHUNK))
 
 
 def token_logprobs_naive(hidden, weight, targets, temperature=1.0):
@@ -167,7 +265,7 @@ def policy_terms(logp, logp_old, adv, *, seq_ids=None, loss="cpgd", eps_low=0.2,
 
 def policy_loss(hidden, weight, targets, advantages, logp_old, mask, *, seq_ids=None, logp_ref=None,
                 loss="cpgd", eps_low=0.2, eps_high=0.2, drift_coef=0.01, drift_clip=2.0, kl_coef=0.0, kl="k3",
-                entropy_coef=0.0, agg="token-mean", temperature=1.0, norm_len=None, chunk=CHUNK):
+                entropy_coef=0.0, agg="token-mean", temperature=1.0, norm_len=None, chunk=None):
     """The RL policy loss from hidden states. hidden (N, H), weight (V, H), targets / advantages /
     logp_old / mask / seq_ids / logp_ref (N,). Returns (loss, metrics): the loss adds kl_coef * KL to
     logp_ref (when given) and subtracts entropy_coef * entropy; metrics hold the clip fraction, the
