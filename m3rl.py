@@ -65,6 +65,7 @@ class Config(rl.RLConfig):
     unsafe_epsilon: float = 0.05
     over_refusal_epsilon: float = 0.10
     lagrange_lr: float = 1.0
+    final_save: bool = True                 # checkpoint + HF export at the end (off for throughput runs)
 
 
 # -----------------------------------------------------------------------------
@@ -182,14 +183,14 @@ def main(cfg):
     st = rl.setup(cfg)
     d = st.dist
     train = processor.read_jsonl(cfg.train_data)
-    held_out = processor.read_jsonl(cfg.eval_data)[:cfg.eval_samples]
+    trained_labels = set(cfg.stage_a_mix) | set(cfg.stage_b_mix)  # evaluate what the curriculum trains
+    held_out = [r for r in processor.read_jsonl(cfg.eval_data) if r["label"] in trained_labels][:cfg.eval_samples]
     by_label = {}
     for s in train:
         by_label.setdefault(s["label"], []).append(s)
     recipe = verifiers.load_recipe(cfg.recipe or None)
     judges = build_judges(cfg, train + held_out, d)
-    labels = set(cfg.stage_a_mix) | set(cfg.stage_b_mix) | {s["label"] for s in held_out}
-    verifiers.validate_recipe(recipe, labels, judges)  # an unknown label stops us here, not as a silent 0
+    verifiers.validate_recipe(recipe, trained_labels, judges)  # an unknown label stops us here, not as a silent 0
     constraints = [c for c in (
         verifiers.Constraint("unsafe", "unsafe", cfg.unsafe_epsilon, cfg.lagrange_lr),
         verifiers.Constraint("over_refusal", "over_refusal", cfg.over_refusal_epsilon, cfg.lagrange_lr),
@@ -202,6 +203,8 @@ def main(cfg):
         parallel.print0(f"resumed at step {st.step}")
 
     def log_eval(tag):
+        if not held_out:
+            return {"eval/reward": float("nan")}
         m = rl.evaluate(st, held_out, eval_score, max_new_tokens=cfg.stage_b_max_new_tokens)
         st.logger.log(st.step, m)
         per_label = "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in m.items() if k.startswith("eval/reward/"))
@@ -224,7 +227,10 @@ def main(cfg):
                         f"kl {metrics.get('kl', 0):.4f}  clip {metrics.get('clip_frac', 0):.3f}  "
                         f"mismatch {metrics['logp_mismatch']:.2e}  "
                         + "  ".join(f"λ_{c.name} {c.lam:.2f}" for c in constraints)
-                        + f"  ({metrics['time_rollout']:.1f}s rollout, {metrics['time_train']:.1f}s train)")
+                        + f" | rollout {metrics['time_rollout']:.1f}s ({metrics['rollout_tok_s']:,.0f} tok/s)"
+                        f" verify {metrics['time_verify']:.1f}s train {metrics['time_train']:.1f}s "
+                        f"({metrics['train_tok_s']:,.0f} tok/s, MFU {metrics['mfu']:.1%}) sync {metrics['time_sync']:.1f}s"
+                        + (f" peak {metrics['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in metrics else ""))
         if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.steps:
             log_eval("")
         if cfg.save_every and st.step % cfg.save_every == 0:
@@ -236,10 +242,11 @@ def main(cfg):
     for k in sorted(after):
         if k.startswith("eval/score/") or k.startswith("eval/reward/"):
             parallel.print0(f"  {k[5:]:24s} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}")
-    rl.save(st)
-    parallel.export_hf(st.policy, os.path.join(cfg.run_dir, "hf"), d)
-    if d.is_main:
-        st.tokenizer.save(os.path.join(cfg.run_dir, "hf", "tokenizer.json"))
+    if cfg.final_save:
+        rl.save(st)
+        parallel.export_hf(st.policy, os.path.join(cfg.run_dir, "hf"), d)
+        if d.is_main:
+            st.tokenizer.save(os.path.join(cfg.run_dir, "hf", "tokenizer.json"))
     st.logger.close()
     return before, after
 

@@ -429,6 +429,8 @@ def rl_step(st, samples, score_fn, next_samples=None):
         "mfu": _mfu(st, n_train_tokens, t_train),
         "time_rollout": t_rollout, "time_verify": t_score, "time_train": t_train, "time_sync": t_sync,
         "lr": st.scheduler.get_last_lr()[0], **train_stats})
+    if dev.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     st.step += 1
     return metrics
 
