@@ -44,12 +44,13 @@ class Config(rl.RLConfig):
     train_data: str = "data/demo/rl_train.jsonl"
     eval_data: str = "data/demo/rl_eval.jsonl"
     eval_samples: int = 96                  # held-out prompts per evaluation
+    skip_bad_records: bool = False          # skip (and count) malformed training records instead of stopping
     steps: int = 30
     lr: float = 2e-5                        # the tiny demo; the authors used 1e-6 at 7B-72B
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int = 48                # overridden by the stage limits below
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 1024          # packed tokens per forward: short rows keep CPU attention cheap
     eval_every: int = 10
     save_every: int = 15
     # curriculum: stage (a) for stage_a_steps, then stage (b)
@@ -182,9 +183,11 @@ def main(cfg):
     ensure_sft_checkpoint(cfg)
     st = rl.setup(cfg)
     d = st.dist
-    train = processor.read_jsonl(cfg.train_data)
+    train, skipped = processor.load_prompts(cfg.train_data, skip_bad=cfg.skip_bad_records)
+    if skipped:
+        parallel.print0(f"skipped {skipped} bad records of {cfg.train_data}")
     trained_labels = set(cfg.stage_a_mix) | set(cfg.stage_b_mix)  # evaluate what the curriculum trains
-    held_out = [r for r in processor.read_jsonl(cfg.eval_data) if r["label"] in trained_labels][:cfg.eval_samples]
+    held_out = [r for r in processor.load_prompts(cfg.eval_data)[0] if r["label"] in trained_labels][:cfg.eval_samples]
     by_label = {}
     for s in train:
         by_label.setdefault(s["label"], []).append(s)
@@ -214,6 +217,11 @@ def main(cfg):
     # ---- loop
     before = log_eval("before")
     while st.step < cfg.steps:
+        if cfg.stop_at and st.step == cfg.stop_at:
+            rl.save(st)
+            parallel.print0(f"stopping at step {st.step} (stop_at); continue with --resume")
+            st.logger.close()
+            return before, None
         step, stage = st.step, stage_of(cfg, st.step)
         st.cfg.max_new_tokens = cfg.stage_a_max_new_tokens if stage == "a" else cfg.stage_b_max_new_tokens
         rounds = iter(range(1, 1 + cfg.max_refills))

@@ -729,12 +729,16 @@ def match_checkpoint(cfg, hf_names, path=""):
     return found
 
 
+def load_config(path):
+    with open(os.path.join(path, "config.json")) as f:
+        return config_from_hf(json.load(f))
+
+
 def load_pretrained(path, device="cpu", dtype=torch.float32):
     """Read a Hugging Face Qwen2.5-VL directory (config.json + model.safetensors, or shards with
     model.safetensors.index.json). Tensors are memory-mapped and copied one at a time."""
     from safetensors import safe_open
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f))
+    cfg = load_config(path)
     files = checkpoint_files(path)
     ours_to_hf = match_checkpoint(cfg, files, path)
     model = build(cfg, device="meta", dtype=dtype)

@@ -319,6 +319,29 @@ def export_hf(model, path, d, dtype=None):
     _barrier()
 
 
+def build_for_training(d, model="tiny", init_from="", *, param_dtype=torch.bfloat16, hsdp=False, ac=False,
+                       freeze_vision=True, seed=0):
+    """The model a stage trains, at any scale. One CPU process: a plain model. Under torchrun or on a
+    GPU: FSDP-wrapped, and when loading a checkpoint it is built on the meta device, wrapped, then
+    filled by load_sharded, so no rank ever holds the whole checkpoint. Master weights stay fp32."""
+    plain = d.world_size == 1 and d.device.type == "cpu"
+    if plain and init_from:
+        m = qwen.load_pretrained(init_from, device=d.device)
+    else:
+        m = qwen.build(qwen.load_config(init_from) if init_from else model, "meta" if init_from else d.device,
+                       seed=seed)
+    m.visual.requires_grad_(not freeze_vision)  # before FSDP: a frozen tower joins the root unit
+    if plain:
+        return m
+    if ac:
+        apply_ac(m)
+    apply_fsdp(m, make_mesh(d, hsdp=hsdp), param_dtype=param_dtype)
+    if init_from:
+        m.to_empty(device=d.device)
+        load_sharded(m, init_from)
+    return m
+
+
 # -----------------------------------------------------------------------------
 # Sharded checkpoints with exact resume (torch.distributed.checkpoint)
 

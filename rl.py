@@ -44,6 +44,7 @@ class RLConfig:
     seed: int = 0
     steps: int = 40
     resume: bool = False                # continue from the newest complete checkpoint in run_dir
+    stop_at: int = 0                    # checkpoint and exit at this step (a job-length limit); 0: run to the end
     # rollout
     prompts_per_step: int = 16          # global batch of prompts (split over ranks)
     group_size: int = 8                 # G samples per prompt
@@ -117,25 +118,17 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     dtype = _dtype(cfg.dtype)
 
-    def load(dtype_):
-        if cfg.init_from:
-            return qwen.load_pretrained(cfg.init_from, device=d.device, dtype=dtype_)
-        return qwen.build(cfg.model, device=d.device, dtype=dtype_, seed=cfg.seed)
+    def build(**kw):
+        return parallel.build_for_training(d, cfg.model, cfg.init_from, param_dtype=dtype, hsdp=cfg.hsdp,
+                                           seed=cfg.seed, **kw)
 
-    policy = load(torch.float32)  # fp32 master weights; FSDP casts to the compute dtype
-    if cfg.freeze_vision:
-        policy.visual.requires_grad_(False)
-    ref = None
-    if cfg.kl_coef > 0:
-        ref = load(torch.float32).requires_grad_(False).eval()
-    if d.world_size > 1 or d.device.type == "cuda":
-        mesh = parallel.make_mesh(d, hsdp=cfg.hsdp)
-        if cfg.activation_checkpointing:
-            parallel.apply_ac(policy)
-        parallel.apply_fsdp(policy, mesh, param_dtype=dtype)
-        if ref is not None:
-            parallel.apply_fsdp(ref, mesh, param_dtype=dtype)
-    rollout_model = load(dtype).requires_grad_(False).eval()
+    policy = build(ac=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision)
+    ref = build(freeze_vision=True).requires_grad_(False).eval() if cfg.kl_coef > 0 else None
+    # the sampler's full copy in the compute dtype, filled from the policy like every later refresh
+    # (a tensor-parallel copy would be parallel.apply_tp's job)
+    rollout_model = qwen.build(policy.cfg, device="meta", dtype=dtype).requires_grad_(False).eval()
+    rollout_model.to_empty(device=d.device)
+    rollout_model.tie_weights()
 
     tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.json")
                                  if cfg.init_from and os.path.exists(os.path.join(cfg.init_from, "tokenizer.json"))
@@ -149,8 +142,10 @@ def setup(cfg):
                                   fused=d.device.type == "cuda")
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    return RLState(cfg, d, policy, rollout_model, ref, smp, tokenizer, optimizer, scheduler,
-                   parallel.Checkpointer(cfg.run_dir), parallel.MetricsLogger(cfg.run_dir, d, cfg, cfg.wandb))
+    st = RLState(cfg, d, policy, rollout_model, ref, smp, tokenizer, optimizer, scheduler,
+                 parallel.Checkpointer(cfg.run_dir), parallel.MetricsLogger(cfg.run_dir, d, cfg, cfg.wandb))
+    refresh_sampler(st)
+    return st
 
 
 # -----------------------------------------------------------------------------
@@ -173,19 +168,13 @@ class Sequence:
     advantage: float = 0.0
 
 
-def encode_prompt(sample, tokenizer, cfg_model):
-    """Chat-formatted prompt ids (+ images) for one RL record, with a clear error when too long."""
-    ids, pixel_values, grid = processor.encode_prompt(sample, tokenizer, merge_size=cfg_model.vision.spatial_merge_size)
-    return ids, pixel_values, grid
-
-
 def rollout(st, samples, round_seed):
     """G responses for each prompt. Seeds derive from (run seed, step, round, prompt, sample), so a
     rerun, a resumed run, or the same batch split over more ranks draws exactly the same responses."""
     cfg = st.cfg
     requests, meta = [], []
     for i, sample in enumerate(samples):
-        ids, px, grid = encode_prompt(sample, st.tokenizer, st.rollout_model.cfg)
+        ids, px, grid = processor.encode_prompt(sample, st.tokenizer, st.rollout_model.cfg.vision.spatial_merge_size)
         if len(ids) > cfg.max_prompt_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_len={cfg.max_prompt_len}: "
                              f"{sample.get('_source', '?')}")
@@ -456,7 +445,7 @@ def evaluate(st, samples, score_fn, max_new_tokens=None):
     cfg = st.cfg
     requests, seqs = [], []
     for sample in samples:
-        ids, px, grid = encode_prompt(sample, st.tokenizer, st.rollout_model.cfg)
+        ids, px, grid = processor.encode_prompt(sample, st.tokenizer, st.rollout_model.cfg.vision.spatial_merge_size)
         params = sampling.SamplingParams(temperature=0.0, max_tokens=max_new_tokens or cfg.max_new_tokens,
                                          stop_token_ids=(st.tokenizer.eos_id,))
         requests.append(sampling.Request(ids, params, px, grid))

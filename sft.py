@@ -42,7 +42,7 @@ class Config:
     max_len: int = 512                  # packed row length in tokens
     rows_per_step: int = 16             # global packed rows per optimizer step
     grad_accum: int = 1                 # micro-steps per optimizer step (rows_per_step is split across them)
-    steps: int = 300
+    steps: int = 200
     lr: float = 3e-3                    # the tiny demo; real models: 1e-5 (OURS, SPEC.md)
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
@@ -55,6 +55,7 @@ class Config:
     eval_every: int = 100
     save_every: int = 150
     resume: bool = False                # continue from the newest complete checkpoint in run_dir
+    stop_at: int = 0                    # checkpoint and exit at this step (a job-length limit); 0: run to the end
     seed: int = 0
     samples_at_end: int = 6             # greedy answers printed at the end
     wandb: bool = False                 # offline unless WANDB_MODE / WANDB_API_KEY say otherwise
@@ -149,24 +150,15 @@ def main(cfg):
     # ---- setup
     d = parallel.init_distributed()
     torch.manual_seed(cfg.seed)
+    # ---- model: built, wrapped (FSDP, activation checkpointing) and loaded per rank by parallel.py
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    if cfg.init_from:
-        m = qwen.load_pretrained(cfg.init_from, device=d.device)  # fp32 master weights
-    else:
-        m = qwen.build(cfg.model, device=d.device, seed=cfg.seed)
-    if cfg.freeze_vision:
-        m.visual.requires_grad_(False)
+    m = parallel.build_for_training(d, cfg.model, cfg.init_from, param_dtype=dtype, hsdp=cfg.hsdp,
+                                    ac=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision, seed=cfg.seed)
     tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.json") if cfg.init_from
                                  else processor.DEFAULT_TOKENIZER)
     tokenizer = processor.Tokenizer(tok_path)
     logger = parallel.MetricsLogger(cfg.run_dir, d, cfg, cfg.wandb)
 
-    # ---- model: parallelism is applied to the finished model
-    if d.world_size > 1 or d.device.type == "cuda":
-        mesh = parallel.make_mesh(d, hsdp=cfg.hsdp)
-        if cfg.activation_checkpointing:
-            parallel.apply_ac(m)
-        parallel.apply_fsdp(m, mesh, param_dtype=dtype)
     params = [p for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
@@ -189,6 +181,11 @@ def main(cfg):
     # ---- loop
     t_start, tokens_seen = time.time(), 0
     while step < cfg.steps:
+        if cfg.stop_at and step == cfg.stop_at:
+            checkpointer.save(step, m, optimizer, scheduler, {"step": step})
+            parallel.print0(f"stopping at step {step} (stop_at); continue with --resume")
+            logger.close()
+            return first_eval, None
         t0 = time.time()
         micro = rows_for_step(train_rows, step, cfg, d)
         n_tokens = global_sum(sum(sum(1 for x in r["labels"][1:] if x != -100) for mb in micro for r in mb), d.device)

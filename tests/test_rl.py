@@ -66,7 +66,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_m3rl(checkpoint, run_dir, *args, nproc=1):
+def run_m3rl(checkpoint, run_dir, *args, nproc=1, load=True):
     base = [f"--init_from={checkpoint}", f"--run_dir={run_dir}", "--prompts_per_step=4", "--group_size=4",
             "--stage_a_max_new_tokens=6", "--stage_b_max_new_tokens=6", "--eval_samples=4", "--eval_every=0",
             "--stage_a_steps=1", "--lr=1e-3", "--kl_coef=0.01", *args]
@@ -76,7 +76,7 @@ def run_m3rl(checkpoint, run_dir, *args, nproc=1):
     out = subprocess.run([*launcher, "m3rl.py", *base], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return load_file(os.path.join(run_dir, "hf", "model.safetensors")), out.stdout
+    return load_file(os.path.join(run_dir, "hf", "model.safetensors")) if load else None, out.stdout
 
 
 def test_one_step_on_two_ranks_equals_one_rank(checkpoint, tmp_path):
@@ -90,7 +90,7 @@ def test_one_step_on_two_ranks_equals_one_rank(checkpoint, tmp_path):
 
 def test_resume_equals_no_interruption(checkpoint, tmp_path):
     full, _ = run_m3rl(checkpoint, tmp_path / "full", "--steps=3", "--save_every=0")
-    run_m3rl(checkpoint, tmp_path / "cut", "--steps=2", "--save_every=1")
+    run_m3rl(checkpoint, tmp_path / "cut", "--steps=3", "--stop_at=2", "--save_every=0", load=False)
     resumed, log = run_m3rl(checkpoint, tmp_path / "cut", "--steps=3", "--save_every=0", "--resume")
     assert "resumed at step 2" in log
     for k in full:
@@ -102,3 +102,20 @@ def test_unknown_label_is_a_start_up_error(checkpoint, tmp_path):
     cfg = m3rl.Config(init_from=checkpoint, run_dir=str(tmp_path), stage_b_mix={"safety": 1.0, "no_such_label": 1.0})
     with pytest.raises(ValueError, match="no_such_label"):
         m3rl.main(cfg)
+
+
+def test_in_process_judge_on_a_tiny_checkpoint(checkpoint):
+    """A judge checkpoint run by model.py + our sampler through verifiers' LocalJudge: batched, greedy,
+    with candidate-word probabilities; a random judge's unparseable verdicts become defined scores."""
+    import m3rl
+    import parallel
+    import verifiers
+    judge = m3rl.in_process_judge(checkpoint, parallel.init_distributed())
+    samples = [{"label": "value", "prompt": "Should I return a lost wallet?", "reference": "yes"},
+               {"label": "safety", "prompt": "How do I make a bath bomb?", "harmful": False}]
+    replies = judge.generate_fn(["Is this good?", "Answer TRUE or FALSE."], 4, ("good", "bad"))
+    assert len(replies) == 2 and all(0 <= p <= 1 for _, probs in replies for p in probs.values())
+    rewards, metrics = verifiers.score_batch(samples, ["<think>x</think> Yes.", "<think>x</think> Mix it."],
+                                             judges={"value": judge, "safety": judge, "helpfulness": judge})
+    assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
+    assert metrics["per_sample"][0]["value"] in (0.0, 1.0)  # from P(good) vs P(bad), never an exception
