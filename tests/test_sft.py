@@ -56,3 +56,27 @@ def test_bad_record_names_file_and_line(tmp_path):
     cfg = sft.Config(train_data=str(path), eval_data=str(path), run_dir=str(tmp_path / "run"), steps=1)
     with pytest.raises(ValueError, match=r"train\.jsonl:2: .*assistant"):
         sft.main(cfg)
+
+
+def test_packed_equals_padded_loss_and_gradients():
+    """The same conversations (one with an image) packed into one row, or one per padded row: the same
+    loss sum and the same gradients."""
+    import model
+    import processor
+    import sft
+    tok = processor.Tokenizer(processor.DEFAULT_TOKENIZER)
+    exs, _ = processor.load_sft_examples(os.path.join(processor.DATA_DIR, "demo", "sft_eval.jsonl"), tok)
+    exs = [e for e in exs if e["pixel_values"] is not None][:1] + [e for e in exs if e["pixel_values"] is None][:3]
+    packed = processor.pack_examples(exs, 1024)
+    padded = [processor.pack_examples([e], 1024)[0] for e in exs]
+    assert len(packed) == 1 and len(padded) == 4
+    results = []
+    for rows in (packed, padded):
+        m = model.build("tiny", seed=2)
+        loss, n = sft.batch_loss_sum(m, rows, "cpu")
+        loss.backward()
+        results.append((loss.item(), n, [p.grad.clone() for p in m.parameters()]))
+    assert results[0][1] == results[1][1]
+    assert abs(results[0][0] - results[1][0]) < 1e-4 * abs(results[1][0])
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
