@@ -291,6 +291,21 @@ def _global_sum(x, device):
     return t.item()
 
 
+def _count(mb, by_tokens):
+    """A micro-batch's share of the loss: its tokens or its sequences; 0 for a padding repeat."""
+    return mb["weight"] * (len(mb["targets"]) if by_tokens else len(set(mb["token_seq"].tolist())))
+
+
+def even_out(micro_batches, device):
+    """FSDP runs collectives inside every forward and backward, so all ranks must run the same number
+    of micro-batches: a rank with fewer repeats its last one with weight 0 (no loss, no gradient)."""
+    n = torch.tensor(len(micro_batches), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return [{**mb, "weight": 1} for mb in micro_batches] + \
+        [{**micro_batches[-1], "weight": 0} for _ in range(int(n) - len(micro_batches))]
+
+
 def policy_update(st, micro_batches):
     """One optimizer step per mini-batch. Each micro-batch's loss is weighted by its share of the
     global batch (tokens, or sequences for the seq-mean modes), times the world size because FSDP
@@ -303,12 +318,12 @@ def policy_update(st, micro_batches):
     for mbs in chunks:
         if not mbs:
             continue
-        local = sum(len(mb["targets"]) if by_tokens else len(set(mb["token_seq"].tolist())) for mb in mbs)
+        local = sum(_count(mb, by_tokens) for mb in mbs)
         total = _global_sum(local, dev)
         st.optimizer.zero_grad(set_to_none=True)
         for mb in mbs:
             mb = _to(mb, dev)
-            count = len(mb["targets"]) if by_tokens else len(set(mb["token_seq"].tolist()))
+            count = _count(mb, by_tokens)
 
             def head(h, w, mb=mb):
                 return ops.policy_loss(
@@ -390,15 +405,15 @@ def rl_step(st, samples, score_fn, next_samples=None):
     t_rollout = time.time() - t0 - t_score
 
     t2 = time.time()
-    mbs = pack(seqs, cfg.micro_batch_tokens, st.rollout_model.cfg)
+    mbs = even_out(pack(seqs, cfg.micro_batch_tokens, st.rollout_model.cfg), dev)
     mismatch, n_tok = 0.0, 0
     for mb in mbs:
         mbd = _to(mb, dev)
         mb["logp_old"] = token_logprobs(st.policy, mbd, cfg.temperature).float().cpu()
         if st.ref is not None:
             mb["logp_ref"] = token_logprobs(st.ref, mbd, cfg.temperature).float().cpu()
-        mismatch += (mb["logp_old"] - mb["sampler_logp"]).abs().sum().item()
-        n_tok += len(mb["targets"])
+        mismatch += mb["weight"] * (mb["logp_old"] - mb["sampler_logp"]).abs().sum().item()
+        n_tok += mb["weight"] * len(mb["targets"])
     train_stats = policy_update(st, mbs)
     t_train = time.time() - t2
     t3 = time.time()

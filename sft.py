@@ -136,10 +136,15 @@ def global_sum(x, device):
 
 @torch.no_grad()
 def eval_loss(m, rows, cfg, d):
+    """Mean held-out loss per assistant token. Every rank runs the same number of forwards (FSDP's
+    collectives need it): a rank left without rows in the last batch reruns one and discards it."""
     total, count = 0.0, 0
-    for i in range(d.rank, len(rows), d.world_size * cfg.rows_per_step):
-        s, n = batch_loss_sum(m, rows[i:i + cfg.rows_per_step * d.world_size:d.world_size], d.device)
-        total, count = total + s.item(), count + n
+    span = d.world_size * cfg.rows_per_step
+    for start in range(0, len(rows), span):
+        mine = rows[start:start + span][d.rank::d.world_size]
+        s, n = batch_loss_sum(m, mine or rows[start:start + 1], d.device)
+        if mine:
+            total, count = total + s.item(), count + n
     return global_sum(total, d.device) / max(global_sum(count, d.device), 1)
 
 
@@ -164,6 +169,9 @@ def main(cfg):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
 
     # ---- data
+    if cfg.rows_per_step % (d.world_size * cfg.grad_accum):
+        raise SystemExit(f"rows_per_step={cfg.rows_per_step} must be a multiple of world size x grad_accum "
+                         f"({d.world_size} x {cfg.grad_accum}): every rank runs the same micro-batches")
     train_rows, n_train, skipped = load_rows(cfg.train_data, tokenizer, cfg, m.cfg)
     eval_rows, n_eval, skipped_eval = load_rows(cfg.eval_data, tokenizer, cfg, m.cfg)
     parallel.print0(f"{n_train} training conversations in {len(train_rows)} rows of {cfg.max_len} tokens, "
