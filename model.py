@@ -380,45 +380,50 @@ class VisionTower(nn.Module):
 # M-RoPE positions: where every token sits in (t, h, w)
 
 
+def sample_positions(ids, grids, image_token_id, merge):
+    """3-D positions of one unpadded sample, as Qwen2-VL assigns them: text advances all three axes by
+    one per token; an image's tokens get (start + t, start + row, start + col) over its merged grid; the
+    text after the image continues from start + max(rows, cols). ids: list of token ids; grids: the
+    (t, h, w) of the images still to place, in order. Returns (positions (3, T), images used)."""
+    parts, p, i, k = [], 0, 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:  # a run of text
+            j = i
+            while j < len(ids) and ids[j] != image_token_id:
+                j += 1
+            parts.append(torch.arange(p, p + j - i).expand(3, -1))
+            p, i = p + j - i, j
+            continue
+        if k == len(grids):
+            raise ValueError(f"image tokens at {i} but only {len(grids)} images in image_grid_thw")
+        t, h, w = grids[k][0], grids[k][1] // merge, grids[k][2] // merge
+        n = t * h * w
+        if ids[i:i + n] != [image_token_id] * n:
+            raise ValueError(f"image {k} of grid {list(grids[k])} needs {n} consecutive image tokens at {i}")
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        parts.append(torch.stack([tt, hh, ww]).reshape(3, n) + p)
+        p, i, k = p + max(h, w), i + n, k + 1
+    return (torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)), k
+
+
 def rope_positions(input_ids, image_grid_thw, attention_mask, cfg):
-    """3-D positions of every token, as Qwen2-VL assigns them: text advances all three axes by one per
-    token; an image's tokens get (start, start + row, start + col) over its merged grid; the text after
-    the image continues from start + max(rows, cols). Padding (attention_mask 0) is skipped and gets 0.
-    Returns position_ids (3, B, T) and next_pos (B,), the position the next generated token takes."""
+    """M-RoPE positions of a batch (sample_positions per row; padding, attention_mask 0, is skipped and
+    gets 0). Returns position_ids (3, B, T) and next_pos (B,), the position the next token takes."""
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
     if image_grid_thw is None or not (input_ids == cfg.image_token_id).any():
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # text only: plain 1-D positions
         return pos[None].expand(3, B, T).contiguous(), pos.max(-1).values + 1
-    merge = cfg.vision.spatial_merge_size
-    grids = iter(image_grid_thw.tolist())
+    grids = image_grid_thw.tolist()
     position_ids = torch.zeros(3, B, T, dtype=torch.long, device=dev)
     next_pos = torch.zeros(B, dtype=torch.long, device=dev)
-    for b in range(B):
-        ids = input_ids[b][valid[b]].tolist()
-        parts, p, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] != cfg.image_token_id:  # a run of text
-                j = i
-                while j < len(ids) and ids[j] != cfg.image_token_id:
-                    j += 1
-                parts.append(torch.arange(p, p + j - i).expand(3, -1))
-                p, i = p + j - i, j
-                continue
-            grid = next(grids, None)
-            if grid is None:
-                raise ValueError("more <|image_pad|> runs in input_ids than images in image_grid_thw")
-            t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-            n = t * h * w
-            if ids[i:i + n] != [cfg.image_token_id] * n:
-                raise ValueError(f"image of grid {grid} needs {n} consecutive <|image_pad|> tokens in row {b}")
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-            parts.append(torch.stack([tt, hh, ww]).view(3, -1) + p)
-            p, i = p + max(h, w), i + n
-        row = torch.cat(parts, dim=1).to(dev)
-        position_ids[:, b, valid[b]] = row
-        next_pos[b] = row.max() + 1
+    for b in range(B):  # the images are in row order: each row takes the next ones
+        row, used = sample_positions(input_ids[b][valid[b]].tolist(), grids, cfg.image_token_id,
+                                     cfg.vision.spatial_merge_size)
+        grids = grids[used:]
+        position_ids[:, b, valid[b]] = row.to(dev)
+        next_pos[b] = row.max() + 1 if row.numel() else 0
     return position_ids, next_pos
 
 

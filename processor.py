@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import model as qwen
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TOKENIZER = os.path.join(DATA_DIR, "tokenizer.json")
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -237,34 +239,14 @@ def load_images(paths, base_dir, **image_kw):
 
 
 def rope_positions(input_ids, image_grid_thw, image_token_id, merge_size=2):
-    """3-D positions (t, h, w) of one unpadded sample -> LongTensor (3, T).
-
-    Text advances all three rows by one per token. An image's tokens, starting at position s, get
-    (s + t, s + row, s + col) over its merged grid (grid_h/merge x grid_w/merge); the text after it
-    continues from s + max(rows, cols). Each sample starts at 0, so packed samples restart."""
-    ids = torch.as_tensor(input_ids).tolist()
+    """3-D positions (t, h, w) of one unpadded sample -> LongTensor (3, T), by the model's own
+    model.sample_positions. Each sample starts at 0, so packed samples restart; every image of
+    image_grid_thw must be used."""
     grids = [] if image_grid_thw is None else image_grid_thw.tolist()
-    parts, p, i, k = [], 0, 0, 0  # k: the next image
-    while i < len(ids):
-        if ids[i] != image_token_id:  # a run of text
-            j = i
-            while j < len(ids) and ids[j] != image_token_id:
-                j += 1
-            parts.append(torch.arange(p, p + j - i).expand(3, -1))
-            p, i = p + j - i, j
-            continue
-        if k == len(grids):
-            raise ValueError(f"image tokens at {i} but only {len(grids)} images in image_grid_thw")
-        t, h, w = grids[k][0], grids[k][1] // merge_size, grids[k][2] // merge_size
-        n = t * h * w
-        if ids[i:i + n] != [image_token_id] * n:
-            raise ValueError(f"image {k} of grid {grids[k]} needs {n} consecutive image tokens at {i}")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        parts.append(torch.stack([tt, hh, ww]).reshape(3, n) + p)
-        p, i, k = p + max(h, w), i + n, k + 1
-    if k != len(grids):
-        raise ValueError(f"{len(grids)} images in image_grid_thw but {k} runs of image tokens in input_ids")
-    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+    positions, used = qwen.sample_positions(torch.as_tensor(input_ids).tolist(), grids, image_token_id, merge_size)
+    if used != len(grids):
+        raise ValueError(f"{len(grids)} images in image_grid_thw but {used} runs of image tokens in input_ids")
+    return positions
 
 
 # -----------------------------------------------------------------------------
