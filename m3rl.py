@@ -143,18 +143,12 @@ def build_judges(cfg, samples, dist_):
 def make_score_fn(recipe, judges, constraints=None, device="cpu"):
     """score_fn for rl.rl_step / rl.evaluate: sets each Sequence's reward and returns the metrics
     (per verifier, per label, failure counters, and the constraints' rates and multipliers)."""
-    def all_reduce(pair):
-        if not dist.is_initialized():
-            return pair
-        t = torch.tensor(pair, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
     def score(seqs):
         rewards, metrics = verifiers.score_batch([s.sample for s in seqs], [s.text for s in seqs], recipe, judges)
         per_sample = metrics.pop("per_sample")
         if constraints:
-            rewards, cm = verifiers.apply_constraints(constraints, rewards, per_sample, all_reduce=all_reduce)
+            rewards, cm = verifiers.apply_constraints(constraints, rewards, per_sample,
+                                                      all_reduce=lambda pair: parallel.all_sum(pair, device))
             metrics.update(cm)
         for s, r in zip(seqs, rewards):
             s.reward = float(r)

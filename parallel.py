@@ -85,6 +85,15 @@ def _barrier():
         dist.barrier()
 
 
+def all_sum(values, device):
+    """Sum numbers over ranks (fp64; the numbers themselves when not distributed): global token counts,
+    loss sums, constraint counts. A float for a float, a list for a list."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 class MetricsLogger:
     """Rank 0 appends each step's numbers to run_dir/metrics.jsonl and, when asked, to wandb (offline
     unless WANDB_MODE or WANDB_API_KEY say otherwise; never required). Counters (skipped steps, bad

@@ -284,13 +284,6 @@ def token_logprobs(m, mb, temperature):
 # Policy update
 
 
-def _global_sum(x, device):
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
 def _count(mb, by_tokens):
     """A micro-batch's share of the loss: its tokens or its sequences; 0 for a padding repeat."""
     return mb["weight"] * (len(mb["targets"]) if by_tokens else len(set(mb["token_seq"].tolist())))
@@ -319,7 +312,7 @@ def policy_update(st, micro_batches):
         if not mbs:
             continue
         local = sum(_count(mb, by_tokens) for mb in mbs)
-        total = _global_sum(local, dev)
+        total = parallel.all_sum(float(local), dev)
         st.optimizer.zero_grad(set_to_none=True)
         for mb in mbs:
             mb = _to(mb, dev)

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import model as qwen
 import ops
@@ -127,13 +126,6 @@ def _maybe(t, device):
     return None if t is None else t.to(device)
 
 
-def global_sum(x, device):
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
 @torch.no_grad()
 def eval_loss(m, rows, cfg, d):
     """Mean held-out loss per assistant token. Every rank runs the same number of forwards (FSDP's
@@ -145,7 +137,7 @@ def eval_loss(m, rows, cfg, d):
         s, n = batch_loss_sum(m, mine or rows[start:start + 1], d.device)
         if mine:
             total, count = total + s.item(), count + n
-    return global_sum(total, d.device) / max(global_sum(count, d.device), 1)
+    return parallel.all_sum(float(total), d.device) / max(parallel.all_sum(float(count), d.device), 1)
 
 
 # -----------------------------------------------------------------------------
@@ -196,14 +188,15 @@ def main(cfg):
             return first_eval, None
         t0 = time.time()
         micro = rows_for_step(train_rows, step, cfg, d)
-        n_tokens = global_sum(sum(sum(1 for x in r["labels"][1:] if x != -100) for mb in micro for r in mb), d.device)
+        n_local = sum(sum(1 for x in r["labels"][1:] if x != -100) for mb in micro for r in mb)
+        n_tokens = parallel.all_sum(float(n_local), d.device)
         loss_sum = 0.0
         for mb in micro:
             s, _ = batch_loss_sum(m, mb, d.device)
             # normalise by the global token count; times world size because FSDP averages gradients
             (s * d.world_size / n_tokens).backward()
             loss_sum += s.item()
-        loss = global_sum(loss_sum, d.device) / n_tokens
+        loss = parallel.all_sum(loss_sum, d.device) / n_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if math.isfinite(grad_norm):
