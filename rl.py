@@ -80,6 +80,7 @@ class RLConfig:
     activation_checkpointing: bool = False
     hsdp: bool = False                  # shard inside a node, replicate across nodes
     sampler_kv_bytes: int = 0           # KV-cache budget of the sampler (0: its default)
+    rollout_tp: int = 1                 # tensor-parallel size of the rollout copy (ranks of one node); 1: full copies
     # logging
     eval_every: int = 10
     save_every: int = 20
@@ -91,7 +92,7 @@ class RLState:
     cfg: RLConfig
     dist: parallel.Dist
     policy: torch.nn.Module             # trained, FSDP-sharded when distributed
-    rollout_model: torch.nn.Module      # full copy the sampler runs, refreshed after every update
+    rollout_model: torch.nn.Module      # the copy the sampler runs (full, or TP-sharded), refreshed after every update
     ref: torch.nn.Module | None         # frozen initial policy for the KL term (None when kl_coef == 0)
     sampler: sampling.Sampler
     tokenizer: processor.Tokenizer
@@ -99,6 +100,7 @@ class RLState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     checkpointer: parallel.Checkpointer
     logger: parallel.MetricsLogger
+    tp_group: dist.ProcessGroup | None = None  # the ranks sharing a TP rollout copy (None: full copies)
     step: int = 0
     bad_steps: int = 0
     extra: dict = field(default_factory=dict)  # stage state saved with checkpoints (data position, ...)
@@ -124,10 +126,13 @@ def setup(cfg):
 
     policy = build(ac=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision)
     ref = build(freeze_vision=True).requires_grad_(False).eval() if cfg.kl_coef > 0 else None
-    # the sampler's full copy in the compute dtype, filled from the policy like every later refresh
-    # (a tensor-parallel copy would be parallel.apply_tp's job)
-    rollout_model = qwen.build(policy.cfg, device="meta", dtype=dtype).requires_grad_(False).eval()
-    rollout_model.to_empty(device=d.device)
+    # the sampler's copy in the compute dtype, filled from the policy like every later refresh: a full
+    # copy per rank, or a tensor-parallel copy over each group of rollout_tp ranks (large models)
+    rollout_model = qwen.build(policy.cfg, device="meta", dtype=dtype).eval()
+    tp_mesh = parallel.make_mesh(d, tp=cfg.rollout_tp) if cfg.rollout_tp > 1 else None
+    if tp_mesh is not None:
+        parallel.apply_tp(rollout_model, tp_mesh)
+    rollout_model.requires_grad_(False).to_empty(device=d.device)
     rollout_model.tie_weights()
 
     tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.json")
@@ -143,7 +148,8 @@ def setup(cfg):
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     st = RLState(cfg, d, policy, rollout_model, ref, smp, tokenizer, optimizer, scheduler,
-                 parallel.Checkpointer(cfg.run_dir), parallel.MetricsLogger(cfg.run_dir, d, cfg, cfg.wandb))
+                 parallel.Checkpointer(cfg.run_dir), parallel.MetricsLogger(cfg.run_dir, d, cfg, cfg.wandb),
+                 tp_mesh.get_group() if tp_mesh is not None else None)
     refresh_sampler(st)
     return st
 
@@ -170,25 +176,33 @@ class Sequence:
 
 def rollout(st, samples, round_seed):
     """G responses for each prompt. Seeds derive from (run seed, step, round, prompt, sample), so a
-    rerun, a resumed run, or the same batch split over more ranks draws exactly the same responses."""
-    cfg = st.cfg
-    requests, meta = [], []
-    for i, sample in enumerate(samples):
+    rerun, a resumed run, or the same batch split over more ranks draws exactly the same responses.
+    The ranks of a tensor-parallel rollout copy sample together: each brings its prompts, all of them
+    generate the group's prompts, and each keeps the responses to its own."""
+    cfg, G = st.cfg, st.cfg.group_size
+    everyone, first = [samples], 0
+    if st.tp_group is not None:
+        everyone = [None] * dist.get_world_size(st.tp_group)
+        dist.all_gather_object(everyone, samples, group=st.tp_group)
+        first = sum(len(s) for s in everyone[:dist.get_rank(st.tp_group)])
+    requests, prompts = [], []
+    for i, sample in enumerate(s for part in everyone for s in part):
         ids, px, grid = processor.encode_prompt(sample, st.tokenizer, st.rollout_model.cfg.vision.spatial_merge_size)
         if len(ids) > cfg.max_prompt_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_len={cfg.max_prompt_len}: "
                              f"{sample.get('_source', '?')}")
-        for g in range(cfg.group_size):  # the prompt's global index keeps the seeds rank-independent
+        prompts.append((sample, ids, px, grid))
+        for g in range(G):  # the prompt's global index keeps the seeds rank-independent
             seed = hash((cfg.seed, st.step, round_seed, sample.get("_index", i), g)) & 0x7FFFFFFF
             params = sampling.SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                              max_tokens=cfg.max_new_tokens, seed=seed,
                                              stop_token_ids=(st.tokenizer.eos_id,))
             requests.append(sampling.Request(ids, params, px, grid))
-            meta.append((sample, i, ids, px, grid))
-    results = st.sampler.generate(requests)
+    results = st.sampler.generate(requests)[first * G:(first + len(samples)) * G]
     seqs = []
-    for (sample, i, ids, px, grid), r in zip(meta, results):
-        seqs.append(Sequence(sample, i, ids, list(r.token_ids), list(r.logprobs), r.finish_reason,
+    for k, r in enumerate(results):
+        sample, ids, px, grid = prompts[first + k // G]
+        seqs.append(Sequence(sample, k // G, ids, list(r.token_ids), list(r.logprobs), r.finish_reason,
                              st.tokenizer.decode(r.token_ids, skip_special_tokens=True), px, grid))
     return seqs
 
@@ -201,6 +215,8 @@ def group_advantages(rewards, group_size, std_norm=True, eps=1e-9):
     """GRPO (DeepSeekMath, arXiv 2402.03300): A = (R - mean_G R) / (std_G R + eps), unbiased std,
     one scalar per response. std_norm=False is Dr.GRPO (arXiv 2503.20783): A = R - mean_G R.
     rewards (n_prompts * G,) -> advantages (n_prompts * G,)."""
+    if rewards.numel() == 0:  # a rank whose groups were all dropped by dynamic sampling
+        return rewards.float()
     r = rewards.view(-1, group_size).double()
     adv = r - r.mean(-1, keepdim=True)
     if std_norm:
@@ -289,13 +305,13 @@ def _count(mb, by_tokens):
     return mb["weight"] * (len(mb["targets"]) if by_tokens else len(set(mb["token_seq"].tolist())))
 
 
-def even_out(micro_batches, device):
+def even_out(micro_batches, device, weight=1):
     """FSDP runs collectives inside every forward and backward, so all ranks must run the same number
     of micro-batches: a rank with fewer repeats its last one with weight 0 (no loss, no gradient)."""
     n = torch.tensor(len(micro_batches), device=device)
     if dist.is_initialized():
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return [{**mb, "weight": 1} for mb in micro_batches] + \
+    return [{**mb, "weight": weight} for mb in micro_batches] + \
         [{**micro_batches[-1], "weight": 0} for _ in range(int(n) - len(micro_batches))]
 
 
@@ -369,11 +385,12 @@ def rl_step(st, samples, score_fn, next_samples=None):
     sampling. Returns the step's metrics."""
     cfg, dev, G = st.cfg, st.dist.device, st.cfg.group_size
     t0 = time.time()
-    seqs, metrics, t_score = [], {}, 0.0
+    seqs, metrics, t_score, want = [], {}, 0.0, len(samples) * G
     for round_ in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
         new = rollout(st, samples, round_)
         t1 = time.time()
-        metrics.update(score_fn(new))
+        round_metrics = score_fn(new)  # called by every rank every round: constraints all-reduce inside
+        metrics.update(round_metrics if new else {})
         t_score += time.time() - t1
         rewards = torch.tensor([s.reward for s in new])
         flat = zero_variance_groups(rewards, G)
@@ -385,12 +402,15 @@ def rl_step(st, samples, score_fn, next_samples=None):
         for s in new:
             s.group += len(seqs) // G
         seqs += new
-        if not cfg.dynamic_sampling or len(seqs) >= len(samples) * G or next_samples is None:
+        # every rank runs the same rounds (a TP group samples together, collectives inside score_fn);
+        # a rank whose batch is full takes part with no prompts of its own
+        if not cfg.dynamic_sampling or next_samples is None or parallel.all_sum(float(len(seqs) < want), dev) == 0:
             break
         samples = next_samples()
-    if not seqs:
+        samples = samples if len(seqs) < want else []
+    if parallel.all_sum(float(len(seqs)), dev) == 0:
         return {**metrics, "skipped": 1.0}
-    seqs = seqs[:len(samples) * G] if cfg.dynamic_sampling else seqs
+    seqs = seqs[:want]
     rewards = torch.tensor([s.reward for s in seqs])
     adv = group_advantages(rewards, G, cfg.std_norm)
     for s, a in zip(seqs, adv.tolist()):
@@ -398,7 +418,10 @@ def rl_step(st, samples, score_fn, next_samples=None):
     t_rollout = time.time() - t0 - t_score
 
     t2 = time.time()
-    mbs = even_out(pack(seqs, cfg.micro_batch_tokens, st.rollout_model.cfg), dev)
+    # a rank left with no sequences (all its groups flat) still joins every FSDP forward and backward,
+    # on a one-token filler of weight 0
+    filler = [Sequence({}, 0, [st.tokenizer.eos_id], [st.tokenizer.eos_id], [0.0], "stop")]
+    mbs = even_out(pack(seqs or filler, cfg.micro_batch_tokens, st.rollout_model.cfg), dev, weight=int(bool(seqs)))
     mismatch, n_tok = 0.0, 0
     for mb in mbs:
         mbd = _to(mb, dev)
@@ -413,14 +436,14 @@ def rl_step(st, samples, score_fn, next_samples=None):
     refresh_sampler(st)
     t_sync = time.time() - t3
 
-    resp = [len(s.response_ids) for s in seqs]
-    think = [processor.think_length(s.response_ids, st.tokenizer) for s in seqs]
+    resp = [len(s.response_ids) for s in seqs] or [0]
+    think = [processor.think_length(s.response_ids, st.tokenizer) for s in seqs] or [0]
     n_train_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
     metrics.update({
-        "adv_mean": adv.mean().item(), "adv_std": adv.std().item() if len(adv) > 1 else 0.0,
+        "adv_mean": adv.mean().item() if len(adv) else 0.0, "adv_std": adv.std().item() if len(adv) > 1 else 0.0,
         "response_len": sum(resp) / len(resp), "think_len": sum(think) / len(think),
         "answer_len": (sum(resp) - sum(think)) / len(resp),
-        "truncated": sum(s.finish_reason == "length" for s in seqs) / len(seqs),
+        "truncated": sum(s.finish_reason == "length" for s in seqs) / max(len(seqs), 1),
         "logp_mismatch": mismatch / max(n_tok, 1),
         "rollout_tok_s": sum(resp) / max(t_rollout, 1e-9), "train_tok_s": n_train_tokens / max(t_train, 1e-9),
         "mfu": _mfu(st, n_train_tokens, t_train),
@@ -457,7 +480,17 @@ def evaluate(st, samples, score_fn, max_new_tokens=None):
         params = sampling.SamplingParams(temperature=0.0, max_tokens=max_new_tokens or cfg.max_new_tokens,
                                          stop_token_ids=(st.tokenizer.eos_id,))
         requests.append(sampling.Request(ids, params, px, grid))
-    for sample, r, req in zip(samples, st.sampler.generate(requests), requests):
+    # each data-parallel rank (a TP group counts as one) generates every dp-th prompt; all ranks then
+    # share the results and score the whole set, so the means are exact whatever the split
+    tp = dist.get_world_size(st.tp_group) if st.tp_group is not None else 1
+    dp, results = st.dist.world_size // tp, [None] * len(requests)
+    mine = st.sampler.generate(requests[st.dist.rank // tp::dp])
+    parts = [mine] * st.dist.world_size
+    if dp > 1:
+        dist.all_gather_object(parts, mine)
+    for rank, part in enumerate(parts):
+        results[rank // tp::dp] = part
+    for sample, r, req in zip(samples, results, requests):
         seqs.append(Sequence(sample, 0, req.prompt_ids, list(r.token_ids), list(r.logprobs), r.finish_reason,
                              st.tokenizer.decode(r.token_ids, skip_special_tokens=True)))
     metrics = score_fn(seqs)

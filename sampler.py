@@ -234,8 +234,7 @@ class BlockManager:
         return b
 
     def share(self, blocks):
-        for b in blocks:
-            self.ref[b] += 1
+        np.add.at(self.ref, blocks, 1)  # a block may appear several times
 
     def release(self, blocks):
         for b in blocks:
@@ -256,8 +255,7 @@ class PagedKVCache:
 
     def __init__(self, n_layers, num_blocks, block_size, n_kv, head_dim, device, dtype, ops):
         self.kv = torch.zeros(n_layers, 2, num_blocks + 1, n_kv, block_size, head_dim, device=device, dtype=dtype)
-        self.block_size, self.null_block, self.ops = block_size, num_blocks, ops
-        self.scale = head_dim ** -0.5
+        self.block_size, self.null_block, self.ops, self.scale = block_size, num_blocks, ops, head_dim ** -0.5
         self.next_pos = None  # model.forward reads it only without position_ids; the engine always gives them
         self.decode, self.slots, self.tables, self.ctx = False, None, None, None
 
@@ -375,24 +373,25 @@ class DecodeGraphs:
 
 class Sampler:
     """Continuous-batching generation with a paged KV cache over `model` (model.py's Qwen2VL, or a
-    tensor-parallel copy of it). Cache size: num_blocks, else kv_cache_bytes, else 40% of the free GPU
-    memory at the first generate() (256 MiB on CPU). decode_fn(ids) -> str is needed for stop_strings.
-    After each generate(), `stats` holds its counters (prefill tokens and seconds, decode step times,
-    preemptions, copy-on-write copies, peak blocks in use)."""
+    parallel.apply_tp copy: it caches its local kv heads, and all ranks of the TP group call generate()
+    with the same requests). Cache: num_blocks, else kv_cache_bytes, else 40% of the free GPU memory at
+    the first generate() (256 MiB on CPU). decode_fn(ids) -> str is needed for stop_strings. `stats`:
+    the last generate()'s counters (prefill, decode step times, preemptions, copies, peak blocks)."""
 
     def __init__(self, model, *, block_size=16, num_blocks=None, max_batch=256, kv_cache_bytes=None, decode_fn=None,
-                 max_prefill_tokens=16384, cuda_graphs=True):
+                 max_prefill_tokens=16384, cuda_graphs=None):
         self.model, self.cfg, self.decode_fn = model, model.cfg, decode_fn
         self.block_size, self.max_batch, self.max_prefill_tokens = block_size, max_batch, max_prefill_tokens
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         attn = model.llm.layers[0].attn
         w = attn.k_proj.weight
-        w = w.to_local() if hasattr(w, "to_local") else w  # a TP copy holds a slice of the kv heads
-        self.n_kv, self.head_dim = w.shape[0] // attn.hd, attn.hd
+        self.tp = getattr(w, "device_mesh", None) is not None  # a parallel.apply_tp copy: DTensor parameters
+        self.n_kv, self.head_dim = (w.to_local() if self.tp else w).shape[0] // attn.hd, attn.hd  # local kv heads
         self.block_bytes = 2 * self.cfg.num_hidden_layers * self.n_kv * block_size * self.head_dim * p.element_size()
         self.num_blocks, self.kv_cache_bytes = num_blocks, kv_cache_bytes
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        # NOTE: a TP copy in CUDA graphs (captured NCCL all-reduces) is not yet verified on GPUs: opt-in
+        self.use_graphs = self.device.type == "cuda" and (not self.tp if cuda_graphs is None else cuda_graphs)
         self.cache = self.bm = self.graphs = None
         self.stats = {}
 
@@ -430,6 +429,8 @@ class Sampler:
                 raise ValueError(f"request {i}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {p}")
             if p.stop_strings and self.decode_fn is None:
                 raise ValueError(f"request {i}: stop_strings need Sampler(decode_fn=...)")
+            if self.tp and p.seed is None and p.temperature > 0:  # every rank of the group must draw alike
+                raise ValueError(f"request {i}: a tensor-parallel sampler needs a seed for each sampled request")
             if P >= self.max_len:
                 raise ValueError(f"request {i}: prompt of {P} tokens does not fit the KV cache "
                                  f"({self.max_len} tokens); raise num_blocks / kv_cache_bytes")
@@ -651,8 +652,7 @@ class Sampler:
         tok, logp = self.cache.ops.sample(logits, f32[:, 0], i64[:, 0], f32[:, 1], i64[:, 1], i64[:, 2])
         tok, logp = torch.stack([tok.double(), logp.double()]).cpu().tolist()  # one device-to-host copy
         for s, t, lp in zip(seqs, tok, logp):
-            p = s.req.params
-            t = int(t)
+            p, t = s.req.params, int(t)
             s.tokens.append(t)
             s.logprobs.append(lp)
             if t in p.stop_token_ids or (p.stop_strings and self._stop_string_done(s, p.stop_strings)):

@@ -12,6 +12,10 @@ load:  load_sharded from an HF directory through a safe_open that records what e
 export_hf; writes OUT.rank<r>.json (bytes and elements read) and OUT.safetensors (gathered weights).
 tp:    logits of the tiny model (tied and untied) with apply_tp over all ranks vs the plain model, the
 TP copy filled by copy_full_ (as a sampler refresh) and, given --ckpt, by load_sharded; writes OUT.json.
+rollout: the sampler over a TP copy vs over the plain model, and rl.refresh_sampler after a training step
+of the FSDP policy vs a sampler over the exported weights; writes OUT.rollout.rank<r>.json.
+flat:  one rl.rl_step with dynamic sampling in which rank 1's groups are all flat; writes
+OUT.flat<world>.safetensors (the weights after the step) and OUT.flat<world>.rank<r>.json (metrics).
 """
 import json
 import math
@@ -32,7 +36,7 @@ import parallel  # noqa: E402
 
 @dataclass
 class WorkerConfig:
-    mode: str = "train"          # train | load | tp | vlm, or several: load,tp,vlm
+    mode: str = "train"          # train | load | tp | vlm | rollout | flat, or several: load,tp,vlm
     out: str = ""                # output path prefix
     steps: int = 4               # train: stop after this step
     total_steps: int = 8         # train: length of the LR schedule
@@ -243,10 +247,102 @@ def vlm(cfg, d):
                        "moved": max((want[k] - v).abs().max().item() for k, v in model.build("tiny").named_parameters())}, f)
 
 
+def sampler_requests(sampling):
+    """Greedy text, a group of 4 seeded samples sharing a prompt (top-p), and an image prompt (top-k)."""
+    tiny, g = model.get_config("tiny"), torch.Generator().manual_seed(3)
+    text = torch.randint(0, 1900, (3, 12), generator=g).tolist()
+    image = [tiny.vision_start_token_id] + [tiny.image_token_id] * 4 + [tiny.vision_end_token_id]
+    pixels, grid = torch.randn(16, 3 * 2 * 14 * 14, generator=g), torch.tensor([[1, 4, 4]])
+    P = sampling.SamplingParams
+    return ([sampling.Request(text[0], P(temperature=0.0, max_tokens=20))]
+            + [sampling.Request(text[1][:7], P(top_p=0.9, max_tokens=24, seed=s)) for s in range(4)]
+            + [sampling.Request(text[2][:5] + image + text[2][5:], P(temperature=0.8, top_k=50, max_tokens=16, seed=9),
+                                pixels, grid)])
+
+
+def rollout(cfg, d):
+    """Each generate's results as {tokens, logprobs} lists. tp_copy / plain: the same weights in a TP
+    copy over all ranks and in a plain model, twice for the TP copy with a cache so small that sequences
+    are preempted. after the policy's AdamW step: refreshed TP copy, refreshed full copy, and a plain
+    model loaded from export_hf of the policy; before: the TP copy before the step."""
+    import types
+    import rl
+    import sampler as sampling
+
+    def run(smp):
+        return [{"tokens": r.token_ids, "logprobs": r.logprobs} for r in smp.generate(sampler_requests(sampling))]
+
+    def tp_copy():  # as rl.setup builds it
+        m = parallel.apply_tp(model.build("tiny", device="meta"), parallel.make_mesh(d, tp=d.world_size))
+        m.requires_grad_(False).to_empty(device=d.device)
+        m.tie_weights()
+        return m
+
+    report = {}
+    plain = model.build("tiny", seed=4).requires_grad_(False)
+    tp = tp_copy()
+    rl.refresh_sampler(types.SimpleNamespace(policy=plain, rollout_model=tp, sampler=sampling.Sampler(tp)))
+    report["plain"], report["tp_copy"] = run(sampling.Sampler(plain)), run(sampling.Sampler(tp))
+    small = sampling.Sampler(tp, num_blocks=5)
+    report["tp_copy_preempted"], report["tp_preemptions"] = run(small), small.stats["preemptions"]
+    try:  # unseeded sampling would let the ranks of a TP group draw different tokens
+        sampling.Sampler(tp).generate([sampling.Request([1, 2, 3], sampling.SamplingParams(max_tokens=2))])
+    except ValueError as e:
+        report["unseeded"] = str(e)
+
+    policy = parallel.build_for_training(d, "tiny", param_dtype=torch.float32, seed=7)
+    copies = {"tp": tp_copy(), "full": model.build("tiny", device=d.device).requires_grad_(False)}
+    states = {k: types.SimpleNamespace(policy=policy, rollout_model=m, sampler=sampling.Sampler(m))
+              for k, m in copies.items()}
+    for st in states.values():
+        rl.refresh_sampler(st)
+    report["before_tp"] = run(states["tp"].sampler)
+    ids = torch.randint(0, 1900, (2 * d.world_size, 20), generator=torch.Generator().manual_seed(5))
+    ids = ids[d.rank::d.world_size]  # this rank's rows of the training batch
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    F.cross_entropy(policy(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    opt.step()
+    for k, st in states.items():
+        rl.refresh_sampler(st)
+        report[f"after_{k}"] = run(st.sampler)
+    parallel.export_hf(policy, cfg.out + ".export", d)
+    report["after_reload"] = run(sampling.Sampler(model.load_pretrained(cfg.out + ".export")))
+    with open(f"{cfg.out}.rollout.rank{d.rank}.json", "w") as f:
+        json.dump(report, f)
+
+
+def flat(cfg, d):
+    """Rank 0 scores its 2 prompts with rewards that vary inside each group; rank 1's 2 prompts get
+    reward 1 everywhere, so dynamic sampling drops them, the refill round (rank 0 with no new prompts)
+    is flat again, and rank 1 ends with no sequences, yet must join every FSDP collective of the
+    update. On 1 rank (rank 0's prompts alone) the weights after the step must be the same."""
+    import processor
+    import rl
+    from safetensors.torch import save_file
+    out = f"{cfg.out}.flat{d.world_size}"
+    rcfg = rl.RLConfig(run_dir=out, prompts_per_step=2 * d.world_size, group_size=4, max_new_tokens=6, lr=1e-3,
+                       dynamic_sampling=True, max_refills=1)
+    st = rl.setup(rcfg)
+    prompts = processor.load_prompts(os.path.join(os.path.dirname(__file__), "..", "data/demo/rl_train.jsonl"))[0]
+    mine = [dict(p, _index=2 * d.rank + i) for i, p in enumerate(prompts[2 * d.rank:2 * d.rank + 2])]
+
+    def score(seqs):
+        for k, s in enumerate(seqs):
+            s.reward = float(k % rcfg.group_size) if d.rank == 0 else 1.0
+        return {"scored": float(len(seqs))}
+
+    metrics = rl.rl_step(st, mine, score, next_samples=lambda: mine)
+    weights = {k: v.clone() for k, v in parallel.iter_full_tensors(st.policy)}
+    with open(f"{out}.rank{d.rank}.json", "w") as f:
+        json.dump(metrics, f)
+    if d.is_main:
+        save_file(weights, out + ".safetensors")
+
+
 if __name__ == "__main__":
     cfg = model.configure(WorkerConfig())
     d = parallel.init_distributed()
     for mode in cfg.mode.split(","):
-        {"train": train, "load": load, "tp": tp, "vlm": vlm}[mode](cfg, d)
+        {"train": train, "load": load, "tp": tp, "vlm": vlm, "rollout": rollout, "flat": flat}[mode](cfg, d)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -192,7 +192,7 @@ def test_metrics_logger(tmp_path):
 @pytest.fixture(scope="module")
 def load_tp(tmp_path_factory):
     """HF checkpoints of the tiny model, tied and untied (the untied one with an odd vocabulary, so
-    the embedding rows split unevenly: 1023 + 1022), then one 2-rank launch of modes load, tp, vlm."""
+    the embedding rows split unevenly: 1023 + 1022), then one 2-rank launch of modes load, tp, vlm, rollout."""
     d = tmp_path_factory.mktemp("load")
     originals = {}
     for variant in ("tied", "untied"):
@@ -200,7 +200,7 @@ def load_tp(tmp_path_factory):
         model.save_pretrained(m, str(d / "hf" / variant))
         originals[variant] = {k: v.clone() for k, v in m.named_parameters()}
     out = str(d / "out")
-    check(launch(["--mode=load,tp,vlm", f"--ckpt={d / 'hf'}", f"--out={out}"], nproc=2))
+    check(launch(["--mode=load,tp,vlm,rollout", f"--ckpt={d / 'hf'}", f"--out={out}"], nproc=2))
     return d, out, originals
 
 
@@ -245,6 +245,40 @@ def test_image_on_one_rank_only(load_tp):
     with open(out + ".vlm.json") as f:
         r = json.load(f)
     assert r["moved"] > 1e-2 and r["max_err"] < 1e-5 * r["moved"], r
+
+
+def same_results(a, b, atol):
+    """Sampler results (lists of {tokens, logprobs}): identical tokens, log-probs within atol."""
+    assert [x["tokens"] for x in a] == [y["tokens"] for y in b]
+    err = max(abs(p - q) for x, y in zip(a, b) for p, q in zip(x["logprobs"], y["logprobs"]))
+    assert err <= atol, err
+
+
+def test_sampler_on_tensor_parallel_copy(load_tp):
+    """TP=2 == TP=1 through the sampler: a TP copy over 2 ranks (each rank caches 1 of the 2 kv heads)
+    samples the plain model's tokens, greedy and seeded, text and image, a shared-prompt group, and with
+    preemption forced by a 5-block cache; both ranks return the same results. Unseeded sampling is refused."""
+    _, out, _ = load_tp
+    ranks = [json.load(open(f"{out}.rollout.rank{r}.json")) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    r = ranks[0]
+    assert [len(x["tokens"]) for x in r["plain"]] == [20, 24, 24, 24, 24, 16]  # no early stop: all tokens compared
+    assert r["tp_preemptions"] > 0
+    assert "needs a seed" in r["unseeded"]
+    same_results(r["tp_copy"], r["plain"], 1e-5)
+    same_results(r["tp_copy_preempted"], r["plain"], 1e-5)
+
+
+def test_refresh_after_a_step_equals_loading_the_new_weights(load_tp):
+    """rl.refresh_sampler after an AdamW step of the 2-rank FSDP policy: the full rollout copy samples
+    exactly (bit for bit) what a sampler over export_hf's checkpoint samples; the TP copy the same tokens
+    (fp32, only the all-reduce order differs); and the step did change what is sampled."""
+    _, out, _ = load_tp
+    r = json.load(open(f"{out}.rollout.rank0.json"))
+    same_results(r["after_full"], r["after_reload"], 0.0)
+    same_results(r["after_tp"], r["after_reload"], 1e-5)
+    with pytest.raises(AssertionError):
+        same_results(r["before_tp"], r["after_reload"], 1e-3)
 
 
 SWEEP = """

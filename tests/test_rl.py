@@ -1,5 +1,7 @@
 """rl.py and m3rl.py: advantages against float64 formulas, packing, start-up validation of the recipe,
-and the invariances: one RL step on 2 gloo ranks == 1 rank, resume mid-run == no interruption."""
+and the invariances: one RL step on 2 gloo ranks == 1 rank, a tensor-parallel rollout copy == full
+copies, a rank left with nothing to train == that rank absent, resume mid-run == no interruption."""
+import json
 import os
 import shutil
 import socket
@@ -85,6 +87,47 @@ def test_one_step_on_two_ranks_equals_one_rank(checkpoint, tmp_path):
     two, _ = run_m3rl(checkpoint, tmp_path / "two", "--steps=1", "--save_every=0", "--micro_batch_tokens=70", nproc=2)
     start = load_file(os.path.join(checkpoint, "model.safetensors"))
     assert any(not torch.equal(one[k], start[k]) for k in one), "the step changed nothing"
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    # the held-out evaluation, split over the ranks, scores the same responses as on one rank
+    assert eval_rows(tmp_path / "two") == eval_rows(tmp_path / "one") and len(eval_rows(tmp_path / "one")) == 2
+
+
+def eval_rows(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/reward" in r]
+
+
+def test_tensor_parallel_rollout_equals_full_copies(checkpoint, tmp_path):
+    """Two steps on 2 ranks with --rollout_tp=2 (one rollout copy split over both ranks, refreshed from
+    the FSDP shards after step 1) train exactly as with a full copy on each rank."""
+    full, _ = run_m3rl(checkpoint, tmp_path / "full", "--steps=2", "--save_every=0", nproc=2)
+    tp, log = run_m3rl(checkpoint, tmp_path / "tp", "--steps=2", "--save_every=0", "--rollout_tp=2", nproc=2)
+    start = load_file(os.path.join(checkpoint, "model.safetensors"))
+    assert any(not torch.equal(tp[k], start[k]) for k in tp)
+    assert all(torch.equal(tp[k], full[k]) for k in full)
+    assert eval_rows(tmp_path / "tp") == eval_rows(tmp_path / "full")
+    rows = [json.loads(line) for line in open(tmp_path / "tp" / "metrics.jsonl") if '"logp_mismatch"' in line]
+    assert len(rows) == 2 and all(r["logp_mismatch"] < 1e-5 for r in rows)  # TP sampler vs trainer, fp32
+
+
+def test_rank_with_only_flat_groups_still_trains_in_step(tmp_path):
+    """Dynamic sampling drops all of rank 1's groups (equal rewards): it must still join the refill
+    round and every FSDP collective (before, it returned early and the other rank hung). The step then
+    equals a 1-rank step on rank 0's prompts alone."""
+    out = str(tmp_path / "flat")
+    worker = [os.path.join(ROOT, "tests", "dist_worker.py"), "--mode=flat", f"--out={out}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                        f"--master_port={free_port()}"]):
+        p = subprocess.run([*launcher, *worker], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rank1 = json.load(open(f"{out}.flat2.rank1.json"))
+    assert rank1["response_len"] == 0 and "skipped" not in rank1  # rank 1 trained on nothing, but took part
+    one, two = load_file(f"{out}.flat1.safetensors"), load_file(f"{out}.flat2.safetensors")
+    start = dict(model.build("tiny", seed=0).named_parameters())
+    assert any((one[k] - start[k]).abs().max() > 1e-4 for k in one)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
 
