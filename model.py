@@ -441,6 +441,8 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTower(cfg.vision)
         self.llm = LanguageModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # set by parallel.apply_fsdp for a trained tower: every rank must run it in every forward
+        self.vision_every_forward = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -450,6 +452,10 @@ class Qwen2VL(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with each image's features scattered into its <|image_pad|> positions."""
         x = self.llm.embed_tokens(input_ids)  # (B, T, H)
+        if pixel_values is None and self.vision_every_forward:  # one 2x2-patch image, its features x 0
+            v = self.cfg.vision
+            dummy = torch.zeros(4, v.in_chans * v.temporal_patch_size * v.patch_size ** 2, device=x.device)
+            return x + 0 * self.visual(dummy, torch.tensor([[1, 2, 2]], device=x.device)).sum().to(x.dtype)
         if pixel_values is None:
             return x
         feats = self.visual(pixel_values, image_grid_thw)  # (n_image_tokens, H)

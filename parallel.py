@@ -207,12 +207,13 @@ def apply_fsdp(model, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kw)
     # NOTE: FSDP needs every rank to run the same units in the same order, and the vision tower runs
     # only for micro-batches with images. Frozen, it joins the root unit (gathered on every rank, no
-    # gradients to reduce); trained, it gets its own units and the loop must run it on every rank
-    # (a dummy image, its features times 0, on ranks whose micro-batch has none).
+    # gradients to reduce); trained, it gets its own units and the model runs it in every forward
+    # (a dummy image, its features times 0, when a micro-batch has none: gradients of 0 to reduce).
     if any(p.requires_grad for p in model.visual.parameters()):
         for block in model.visual.blocks:
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
         fully_shard(model.visual, reshard_after_forward=reshard_after_forward, **kw)
+        model.vision_every_forward = True
     if not model.cfg.tie_word_embeddings:  # tied: embedding and lm_head are one parameter, in the root
         fully_shard(model.llm.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
@@ -340,6 +341,9 @@ def build_for_training(d, model="tiny", init_from="", *, param_dtype=torch.bfloa
         m = qwen.build(qwen.load_config(init_from) if init_from else model, "meta" if init_from else d.device,
                        seed=seed)
     m.visual.requires_grad_(not freeze_vision)  # before FSDP: a frozen tower joins the root unit
+    # a trained tower runs in every forward (a dummy image when there is none), on 1 rank as on N under
+    # FSDP, where each rank must run every unit: its weight decay then acts on image-free steps too
+    m.vision_every_forward = not freeze_vision
     if plain:
         return m
     if ac:

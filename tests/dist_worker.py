@@ -68,6 +68,7 @@ def train(cfg, d):
     np.random.seed(0)
     random.seed(0)
     m, mesh = model.build("tiny", seed=0), None
+    m.vision_every_forward = True  # the tower is trained (as build_for_training sets it, plain or FSDP)
     if d.world_size > 1:  # one process is the reference: the plain model
         if cfg.ac:
             parallel.apply_ac(m)
@@ -219,8 +220,14 @@ def tp(cfg, d):
 
 
 def vlm(cfg, d):
-    """Frozen vision tower, an image only in rank 0's row: one SGD step under FSDP equals the plain
-    model's step on the whole batch (FSDP needs every rank to run the same units; see apply_fsdp)."""
+    """An image only in rank 0's row: one SGD step under FSDP equals the plain model's step on the
+    whole batch (FSDP needs every rank to run the same units; see apply_fsdp), with the vision tower
+    frozen (OUT.vlm.json) and trained (OUT.vlm_trained.json: rank 1 runs it on a dummy image)."""
+    for trained in (False, True):
+        vlm_step(cfg, d, trained)
+
+
+def vlm_step(cfg, d, trained):
     tiny, g = model.get_config("tiny"), torch.Generator().manual_seed(0)
     pixels, grid = torch.randn(16, 3 * 2 * 14 * 14, generator=g), torch.tensor([[1, 4, 4]])  # 4 merged tokens
     text = torch.randint(0, 1900, (2, 26), generator=g)
@@ -228,7 +235,7 @@ def vlm(cfg, d):
     ids = torch.stack([torch.cat([text[0, :10], image, text[0, 10:20]]), text[1]])  # (2, 26)
 
     def step(m, rows, px, thw):
-        m.visual.requires_grad_(False)
+        m.visual.requires_grad_(trained)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)  # weights - grads
         loss = F.cross_entropy(m(ids[rows, :-1], px, thw).flatten(0, 1), ids[rows, 1:].flatten())
         loss.backward()
@@ -237,14 +244,17 @@ def vlm(cfg, d):
 
     want = step(model.build("tiny", seed=0), slice(0, 2), pixels, grid)
     m = model.build("tiny", seed=0)
-    m.visual.requires_grad_(False)
+    m.visual.requires_grad_(trained)
     parallel.apply_fsdp(m, parallel.make_mesh(d), param_dtype=torch.float32)
     has_image = d.rank == 0
     got = step(m, slice(d.rank, d.rank + 1), pixels if has_image else None, grid if has_image else None)
+    start = dict(model.build("tiny").named_parameters())
     if d.is_main:
-        with open(cfg.out + ".vlm.json", "w") as f:
+        with open(cfg.out + (".vlm_trained.json" if trained else ".vlm.json"), "w") as f:
             json.dump({"max_err": max((got[k] - want[k]).abs().max().item() for k in want),
-                       "moved": max((want[k] - v).abs().max().item() for k, v in model.build("tiny").named_parameters())}, f)
+                       "moved": max((want[k] - v).abs().max().item() for k, v in start.items()),
+                       "vision_moved": max((want[k] - v).abs().max().item() for k, v in start.items()
+                                           if k.startswith("visual."))}, f)
 
 
 def sampler_requests(sampling):

@@ -238,13 +238,16 @@ def test_tensor_parallel_matches_single_device(load_tp):
         assert r["max_err"] <= 1e-5 * r["scale"], (variant, r)  # fp32: only the all-reduce order differs
 
 
-def test_image_on_one_rank_only(load_tp):
-    """A frozen vision tower runs only where a micro-batch has images; FSDP must not deadlock or
-    diverge: one step with the image on rank 0 only == the plain model on both rows."""
+@pytest.mark.parametrize("tower", ["frozen", "trained"])
+def test_image_on_one_rank_only(load_tp, tower):
+    """The image is on rank 0 only; FSDP must not deadlock or diverge: one step == the plain model on
+    both rows. Frozen, the tower is part of the root unit; trained, it has its own units and rank 1
+    runs it on a dummy image whose features count 0 (its gradients are rank 0's alone)."""
     _, out, _ = load_tp
-    with open(out + ".vlm.json") as f:
+    with open(out + (".vlm.json" if tower == "frozen" else ".vlm_trained.json")) as f:
         r = json.load(f)
     assert r["moved"] > 1e-2 and r["max_err"] < 1e-5 * r["moved"], r
+    assert (r["vision_moved"] > 1e-3) == (tower == "trained"), r
 
 
 def same_results(a, b, atol):
