@@ -2,7 +2,8 @@
 rl.py: the GRPO loop every RL stage shares (m3rl.py, efficient_rl.py, search_rl.py).
 
 One step, in the order the code runs it:
-    rollout     G samples per prompt from sampler.py: same process, same model code as the trainer
+    rollout     G samples per prompt from sampler.py: same process, same model code as the trainer (a
+                full copy per rank, or one tensor-parallel copy per group of rollout_tp ranks)
     score       the stage's reward function (verifiers.py): (rewards, metrics)
     advantages  group-normalised (GRPO), or without the std (Dr.GRPO); optional dynamic sampling that
                 drops groups whose rewards are all equal and refills the batch
