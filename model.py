@@ -441,7 +441,8 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTower(cfg.vision)
         self.llm = LanguageModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # set by parallel.apply_fsdp for a trained tower: every rank must run it in every forward
+        # True for a trained tower (parallel.build_for_training, apply_fsdp): under FSDP every rank must
+        # run it in every forward, images or not
         self.vision_every_forward = False
         self.tie_weights()
 

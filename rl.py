@@ -391,7 +391,8 @@ def rl_step(st, samples, score_fn, next_samples=None):
         new = rollout(st, samples, round_)
         t1 = time.time()
         round_metrics = score_fn(new)  # called by every rank every round: constraints all-reduce inside
-        metrics.update(round_metrics if new else {})
+        if new:
+            metrics.update(round_metrics)
         t_score += time.time() - t1
         rewards = torch.tensor([s.reward for s in new])
         flat = zero_variance_groups(rewards, G)
@@ -486,7 +487,7 @@ def evaluate(st, samples, score_fn, max_new_tokens=None):
     tp = dist.get_world_size(st.tp_group) if st.tp_group is not None else 1
     dp, results = st.dist.world_size // tp, [None] * len(requests)
     mine = st.sampler.generate(requests[st.dist.rank // tp::dp])
-    parts = [mine] * st.dist.world_size
+    parts = [mine] * st.dist.world_size  # each rank's results (all equal when dp == 1)
     if dp > 1:
         dist.all_gather_object(parts, mine)
     for rank, part in enumerate(parts):
