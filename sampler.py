@@ -175,6 +175,7 @@ class KernelOps:
 
     def __init__(self, ext, head_dim, dtype):
         self.ext, self.attention_ok = ext, ext.supported(head_dim, torch.empty(0, dtype=dtype))
+        self.tensor_cores = os.environ.get("SAFELADDER_MMA_ATTENTION") == "1"  # NOTE: not yet run on a GPU: opt-in
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         self.ext.write_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, _stream())
@@ -183,12 +184,12 @@ class KernelOps:
         if not self.attention_ok:
             return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
         B, nh, hd = q.shape
-        S = self.ext.num_splits(B, nh, k_cache.shape[1], block_tables.shape[1])
+        S = self.ext.num_splits(B, nh, k_cache.shape[1], block_tables.shape[1], self.tensor_cores)
         out = torch.empty_like(q)
         tmp_out = torch.empty((B, nh, S, hd) if S > 1 else (0,), device=q.device, dtype=torch.float32)
         tmp_ml = torch.empty(B, nh, S, 2, device=q.device, dtype=torch.float32)
         self.ext.paged_attention(out, q.contiguous(), k_cache, v_cache, block_tables, context_lens, tmp_out, tmp_ml,
-                                 scale, _stream())
+                                 scale, self.tensor_cores, _stream())
         return out
 
     def sample(self, logits, temperature, top_k, top_p, seed, step):
@@ -678,8 +679,7 @@ class Sampler:
                           cow_copies=0)
         self.bm.peak = self.bm.used
         seqs, groups = self._make_groups(requests)
-        longest = max(s.limit for s in seqs)
-        width = _cdiv(longest, self.block_size)
+        width = _cdiv(max(s.limit for s in seqs), self.block_size)  # block-table columns the longest needs
         if self.use_graphs:  # power-of-two widths, so later calls reuse the captured graphs
             width = min(1 << (width - 1).bit_length(), _cdiv(self.max_len, self.block_size))
             if self.graphs is None or self.graphs.width < width:

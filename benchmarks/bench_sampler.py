@@ -198,10 +198,18 @@ def main(c):
                 i[0] ^= 1
                 q, kc, vc, t = sets[i[0]]
                 ops.paged_attention(q, kc, vc, t, lens, hd ** -0.5)
-            ms = cuda_time(call, reps=50)
-            gb = B * ctx * nkv * hd * 2 * 2
-            print(f"paged attention alone, {B} seqs x {ctx} ctx: {ms * 1e3:.1f} us, {gb / (ms * 1e-3) / 1e12:.2f} TB/s "
-                  f"= {gb / (ms * 1e-3) / bw:.0%} of copy bandwidth (splits {ops.ext.num_splits(B, nh, nkv, width)})")
+            for ops.tensor_cores in (False, True):  # CUDA-core kernel, tensor-core (mma.sync) kernel
+                q, kc, vc, t = sets[0]
+                want = sampler.paged_attention_ref(q, kc, vc, t, lens, hd ** -0.5)
+                ops.paged_attention(q, kc, vc, t, lens, hd ** -0.5)  # warm-up, and a check before timing
+                err = (ops.paged_attention(q, kc, vc, t, lens, hd ** -0.5).float() - want.float()).abs().max().item()
+                ms = cuda_time(call, reps=50)
+                gb = B * ctx * nkv * hd * 2 * 2
+                print(f"paged attention alone ({'tensor cores' if ops.tensor_cores else 'CUDA cores'}), {B} seqs x "
+                      f"{ctx} ctx: {ms * 1e3:.1f} us, {gb / (ms * 1e-3) / 1e12:.2f} TB/s = {gb / (ms * 1e-3) / bw:.0%} "
+                      f"of copy bandwidth (splits {ops.ext.num_splits(B, nh, nkv, width, ops.tensor_cores)}, "
+                      f"max |err| vs reference {err:.1e})")
+            ops.tensor_cores = os.environ.get("SAFELADDER_MMA_ATTENTION", "0") == "1"
             del sets
 
     # ---- transformers generate, same shapes

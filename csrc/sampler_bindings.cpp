@@ -32,7 +32,7 @@ void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(static_cast<in
 // context_lens (B,) int32; tmp_out (B, nh, S, hd) and tmp_ml (B, nh, S, 2) fp32, S = number of splits.
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor tmp_out,
-                     torch::Tensor tmp_ml, double scale, int64_t stream) {
+                     torch::Tensor tmp_ml, double scale, bool tensor_cores, int64_t stream) {
   const auto dt = q.scalar_type();
   check_cuda(q, "q", dt);
   check_cuda(out, "out", dt);
@@ -65,12 +65,13 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   a.max_blocks = (int)block_tables.size(1);
   a.num_splits = (int)tmp_ml.size(2);
   a.scale = (float)scale;
+  a.tensor_cores = tensor_cores ? 1 : 0;
   TORCH_CHECK(a.num_splits == 1 || tmp_out.numel() == (int64_t)a.B * a.nh * a.num_splits * a.hd, "tmp_out size");
   check_launch(launch_paged_attention(a, dtype_code(q), stream_ptr(stream)));
 }
 
-int64_t num_splits(int64_t B, int64_t nh, int64_t nkv, int64_t max_blocks) {
-  return paged_attention_num_splits((int)B, (int)nh, (int)nkv, (int)max_blocks);
+int64_t num_splits(int64_t B, int64_t nh, int64_t nkv, int64_t max_blocks, bool tensor_cores) {
+  return paged_attention_num_splits((int)B, (int)nh, (int)nkv, (int)max_blocks, tensor_cores ? 1 : 0);
 }
 
 bool supported(int64_t hd, torch::Tensor like) {

@@ -20,13 +20,14 @@ struct PagedAttentionArgs {
   float* tmp_ml;             // (B, nh, num_splits, 2)  fp32 (max, sum of exp) per split
   int B, nh, nkv, hd, block_size, max_blocks, num_splits;
   float scale;               // softmax scale, usually hd^-0.5
+  int tensor_cores;          // 1: the mma.sync kernel where it applies (fp16/bf16, hd 64/128, block 16)
 };
 
 // Decode attention of one query token per sequence over its paged K/V (GQA, split-K).
 const char* launch_paged_attention(const PagedAttentionArgs& a, int dtype, void* stream);
 
 // How many splits of the context the kernel should use for this batch (fills the GPU's SMs).
-int paged_attention_num_splits(int B, int nh, int nkv, int max_blocks);
+int paged_attention_num_splits(int B, int nh, int nkv, int max_blocks, int tensor_cores);
 
 // k, v (N, nkv, hd) -> k_cache/v_cache at slot_mapping[n] = block * bs + offset; slot < 0 is skipped.
 const char* launch_write_kv(const void* k, const void* v, void* k_cache, void* v_cache,

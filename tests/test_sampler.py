@@ -343,8 +343,10 @@ def test_write_kv_ref_round_trip():
 @pytest.mark.parametrize("hd", [32, 64, 128])
 @pytest.mark.parametrize("nkv,group", [(3, 1), (2, 4), (2, 7), (1, 16)])
 @pytest.mark.parametrize("B", [5, 133])
-def test_paged_attention_kernel(dtype, hd, nkv, group, B):
+@pytest.mark.parametrize("tensor_cores", [False, True])  # the mma kernel covers fp16/bf16 at hd 64 and 128
+def test_paged_attention_kernel(dtype, hd, nkv, group, B, tensor_cores):
     ops = sampler.KernelOps(sampler.cuda_kernels(), hd, dtype)
+    ops.tensor_cores = tensor_cores
     lens = [[1, 17, 300, 1000, 63][b % 5] + b % 3 for b in range(B)]
     q, kc, vc, tables, ctx = random_paged(B, nkv, group, hd, 16, lens, dtype, "cuda", seed=hd + B)
     out = ops.paged_attention(q, kc, vc, tables, ctx, hd ** -0.5)
@@ -434,3 +436,14 @@ def test_cuda_sources_compile(tmp_path):
     for p in procs:
         out = p.communicate(timeout=300)[0].decode()
         assert p.returncode == 0, out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_sampler_bindings_compile():
+    """The torch glue of the kernels, checked where no GPU can build the whole extension (CI)."""
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+    inc = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]]
+    p = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=sampler_bindings", *inc,
+                        os.path.join(ROOT, "csrc", "sampler_bindings.cpp")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
