@@ -98,30 +98,40 @@ def draw_prompts(cfg, by_label, step, rank, world, round_=0):
 
 def in_process_judge(path, dist_):
     """A LocalJudge running a judge checkpoint (e.g. SafeWork-RM-Safety-7B) through model.py and our
-    sampler: greedy text, and the candidate words' first-token probabilities from one forward."""
+    sampler: greedy text, and the candidate words' first-token probabilities from one forward. A judge
+    that sees images (the safety judge) gets them before the text in its user turn."""
     import sampler as sampling
     judge = qwen.load_pretrained(path, device=dist_.device,
                                  dtype=torch.bfloat16 if dist_.device.type == "cuda" else torch.float32).eval()
     tok = processor.Tokenizer(os.path.join(path, "tokenizer.json"))
     engine = sampling.Sampler(judge, decode_fn=tok.decode)
 
+    def encode(prompt, paths):  # -> (ids, pixel_values, image_grid_thw) of the judge's chat turn
+        merge = judge.cfg.vision.spatial_merge_size
+        content = ([*({"type": "image", "image": p} for p in paths), {"type": "text", "text": prompt}] if paths
+                   else prompt)
+        images = [processor.process_image(p, merge_size=merge) for p in paths]
+        px, grid = (torch.cat([x for x, _ in images]), torch.cat([g for _, g in images])) if images else (None, None)
+        text = processor.chat_text([{"role": "user", "content": content}], add_generation_prompt=True)
+        return tok.encode(processor.expand_image_pads(text, grid, merge)), px, grid
+
     @torch.no_grad()
-    def generate_fn(prompts, max_new_tokens, candidates):
-        ids = [tok.encode(processor.chat_text([{"role": "user", "content": p}], add_generation_prompt=True))
-               for p in prompts]
+    def generate_fn(prompts, max_new_tokens, candidates, images=None):
+        asks = [encode(p, images[k] if images else []) for k, p in enumerate(prompts)]
         params = sampling.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=(tok.eos_id,))
         texts = [tok.decode(r.token_ids, skip_special_tokens=True)
-                 for r in engine.generate([sampling.Request(i, params) for i in ids])]
+                 for r in engine.generate([sampling.Request(i, params, px, grid) for i, px, grid in asks])]
         if not candidates:
             return texts
         first = [tok.encode(c)[0] for c in candidates]
         out = []
-        for i, text in zip(ids, texts):
-            p = torch.softmax(judge(torch.tensor([i], device=dist_.device))[0, -1].float(), -1)
+        for (i, px, grid), text in zip(asks, texts):
+            px, grid = (None, None) if px is None else (px.to(dist_.device), grid.to(dist_.device))
+            p = torch.softmax(judge(torch.tensor([i], device=dist_.device), px, grid)[0, -1].float(), -1)
             out.append((text, {c: p[t].item() for c, t in zip(candidates, first)}))
         return out
 
-    return verifiers.LocalJudge(generate_fn)
+    return verifiers.LocalJudge(generate_fn, sees_images=True)
 
 
 def build_judges(cfg, samples, dist_):
@@ -131,7 +141,8 @@ def build_judges(cfg, samples, dist_):
         spec = json.load(f)
     judges = {}
     for name, s in spec.items():
-        judges[name] = (verifiers.HTTPJudge(s["url"], model=s.get("model", "judge"), api_key_env=s.get("api_key_env"))
+        judges[name] = (verifiers.HTTPJudge(s["url"], model=s.get("model", "judge"), api_key_env=s.get("api_key_env"),
+                                            sees_images=s.get("images", True))  # false: a text-only endpoint
                         if "url" in s else in_process_judge(s["checkpoint"], dist_))
     return judges
 

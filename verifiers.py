@@ -28,6 +28,7 @@ scores and are counted in the metrics ("count/..."). Questions and responses are
 through neutralize() before they enter a judge prompt, so a response cannot forge a chat turn or a verdict.
 """
 
+import base64
 import collections
 import concurrent.futures
 import difflib
@@ -35,6 +36,7 @@ import functools
 import http.client
 import json
 import math
+import mimetypes
 import os
 import re
 import time
@@ -42,6 +44,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 from urllib.parse import urlsplit
+
+import processor
 
 # -----------------------------------------------------------------------------
 # 1. rule verifiers: pure functions of the text that never raise
@@ -596,10 +600,11 @@ class JudgeVerifier:
     parse: Callable[..., tuple[float, str, str]]
     candidates: tuple[str, ...] = ()
     max_new_tokens: int = 32
+    sees_images: bool = False              # the sample's images go with the text to a judge that takes them
 
 
 JUDGE_VERIFIERS = {
-    "safety": JudgeVerifier(SAFETY_PROMPT, _parse_safety),
+    "safety": JudgeVerifier(SAFETY_PROMPT, _parse_safety, sees_images=True),  # SPEC: question (+image)
     "value": JudgeVerifier(VALUE_PROMPT, _parse_value, ("good", "bad"), 8),
     "knowledge": JudgeVerifier(KNOWLEDGE_PROMPT, _parse_knowledge, ("TRUE", "FALSE"), 8),
     "knowledge_soft": JudgeVerifier(KNOWLEDGE_PROMPT, functools.partial(_parse_knowledge, soft=True),
@@ -610,7 +615,8 @@ JUDGE_VERIFIERS = {
 
 
 # -----------------------------------------------------------------------------
-# 3. judge backends: anything with .generate(prompts, max_new_tokens, candidates) -> list[JudgeReply]
+# 3. judge backends: anything with .generate(prompts, max_new_tokens, candidates) -> list[JudgeReply];
+#    those with `sees_images` also take images=[[image file paths] per prompt]
 
 @dataclass
 class JudgeReply:
@@ -626,9 +632,11 @@ class LocalJudge:
     per verifier. A prompt is the judge's user message; generate_fn applies the judge's chat template."""
     generate_fn: Callable
     max_new_tokens: int | None = None      # overrides the verifier's default (e.g. for a thinking judge)
+    sees_images: bool = False              # generate_fn also takes images=[[paths] per prompt]
 
-    def generate(self, prompts, max_new_tokens=32, candidates=()) -> list[JudgeReply]:
-        outs = list(self.generate_fn(list(prompts), self.max_new_tokens or max_new_tokens, tuple(candidates)))
+    def generate(self, prompts, max_new_tokens=32, candidates=(), images=None) -> list[JudgeReply]:
+        kw = {"images": list(images)} if self.sees_images and images is not None else {}
+        outs = list(self.generate_fn(list(prompts), self.max_new_tokens or max_new_tokens, tuple(candidates), **kw))
         if len(outs) != len(prompts):
             raise ValueError(f"generate_fn returned {len(outs)} replies for {len(prompts)} prompts")
         return [JudgeReply(str(o)) if not isinstance(o, (tuple, list)) else
@@ -659,6 +667,7 @@ class HTTPJudge:
     max_new_tokens: int | None = None
     max_reply_bytes: int = 1 << 20
     logprobs_ok: bool = True               # set False when the server rejects logprobs
+    sees_images: bool = True               # send images as data: URLs (OpenAI image_url parts); False: text only
 
     def __post_init__(self):
         u = urlsplit(self.url)
@@ -667,19 +676,25 @@ class HTTPJudge:
         if self.api_key_env and self.api_key_env not in os.environ:
             raise ValueError(f"HTTPJudge: environment variable {self.api_key_env} (the API key) is not set")
 
-    def generate(self, prompts, max_new_tokens=32, candidates=()) -> list[JudgeReply]:
+    def generate(self, prompts, max_new_tokens=32, candidates=(), images=None) -> list[JudgeReply]:
         if not prompts:
             return []
         n, cands = self.max_new_tokens or max_new_tokens, tuple(candidates)
+        images = images if self.sees_images and images is not None else [[]] * len(prompts)
         with concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency, len(prompts)))) as pool:
-            return list(pool.map(lambda p: self._ask(p, n, cands), prompts))
+            return list(pool.map(lambda p, im: self._ask(p, n, cands, im), prompts, images))
 
-    def _ask(self, prompt: str, max_new_tokens: int, cands) -> JudgeReply:
+    def _ask(self, prompt: str, max_new_tokens: int, cands, images=()) -> JudgeReply:
+        try:  # the images first, then the text, as a Qwen2.5-VL chat turn puts them
+            content = [*({"type": "image_url", "image_url": {"url": _data_url(p)}} for p in images),
+                       {"type": "text", "text": prompt}] if images else prompt
+        except OSError as e:
+            return JudgeReply("", error=f"image unreadable: {type(e).__name__}")
         error = "not tried"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+            body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                     "temperature": 0.0, "max_tokens": max_new_tokens}
             if cands and self.logprobs_ok:
                 body.update(logprobs=True, top_logprobs=self.top_logprobs)
@@ -725,6 +740,12 @@ class HTTPJudge:
         if not isinstance(text, str):
             raise TypeError("content is not a string")
         return JudgeReply(text, _probs_from_logprobs(choice.get("logprobs"), cands) if cands else None)
+
+
+def _data_url(path: str) -> str:
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
 
 
 def _probs_from_logprobs(logprobs, cands) -> dict[str, float] | None:
@@ -885,20 +906,27 @@ def validate_recipe(recipe: dict, labels, judges: dict | None = None) -> None:
         raise ValueError("invalid reward recipe:\n  " + "\n  ".join(problems))
 
 
+def _judge_images(sample: dict) -> list[str]:
+    """The sample's image files, resolved as processor resolves them for the policy."""
+    return [processor.resolve_image(p, sample.get("_dir", ".")) for p in sample.get("images") or []]
+
+
 def _ask_judge(name, items, judge, rows, count, fallback) -> None:
-    """One batched call of `judge` for verifier `name` over items [(row index, prompt)]; fills rows."""
+    """One batched call of `judge` for verifier `name` over items [(row index, prompt, image paths)];
+    fills rows. Images go only to a judge that `sees_images`."""
     v = JUDGE_VERIFIERS[name]
     replies = [JudgeReply("", error="no judge")] * len(items)
     if judge is not None:
         try:
-            got = list(judge.generate([p for _, p in items], max_new_tokens=v.max_new_tokens,
-                                      candidates=v.candidates))
+            kw = {"images": [im for _, _, im in items]} if getattr(judge, "sees_images", False) else {}
+            got = list(judge.generate([p for _, p, _ in items], max_new_tokens=v.max_new_tokens,
+                                      candidates=v.candidates, **kw))
             if len(got) != len(items):
                 raise ValueError("wrong number of replies")
             replies = got
         except Exception:
             pass
-    for (i, _), rep in zip(items, replies):
+    for (i, _, _), rep in zip(items, replies):
         try:
             if rep.error is not None:
                 raise RuntimeError(rep.error)
@@ -948,8 +976,9 @@ def score_batch(samples: list[dict], responses: list[str], recipe: dict | None =
         for name, _ in plan:
             try:
                 if name in JUDGE_VERIFIERS:
-                    asks.setdefault(name, []).append((i, judge_prompt(JUDGE_VERIFIERS[name].template, s,
-                                                                      final_answer(y))))
+                    v = JUDGE_VERIFIERS[name]
+                    asks.setdefault(name, []).append((i, judge_prompt(v.template, s, final_answer(y)),
+                                                      _judge_images(s) if v.sees_images else []))
                 else:
                     rows[i][name] = float(RULE_VERIFIERS[name](s, y))
             except Exception:  # missing reference/constraints, unknown verifier name

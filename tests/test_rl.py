@@ -163,3 +163,7 @@ def test_in_process_judge_on_a_tiny_checkpoint(checkpoint):
                                              judges={"value": judge, "safety": judge, "helpfulness": judge})
     assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
     assert metrics["per_sample"][0]["value"] in (0.0, 1.0)  # from P(good) vs P(bad), never an exception
+    # with an image (the safety judge's case) the judge's chat turn carries it to the vision tower
+    image = os.path.join(ROOT, "data", "demo", "images", sorted(os.listdir(os.path.join(ROOT, "data/demo/images")))[0])
+    (_, with_image), (_, without) = judge.generate_fn(["Is this good?"] * 2, 2, ("good", "bad"), images=[[image], []])
+    assert with_image != without

@@ -456,6 +456,52 @@ def _judge(server, mode, monkeypatch, **kw):
     return V.HTTPJudge(f"http://127.0.0.1:{server.server_port}/{mode}/v1", **{**opts, **kw})
 
 
+def image_samples(tmp_path):
+    """A safety and a value sample about one image in a dataset folder, and the image's bytes."""
+    from PIL import Image
+    Image.new("RGB", (20, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    rec = {"prompt": "<image> Is it safe to eat this?", "images": ["red.png"], "_dir": str(tmp_path)}
+    return [{**rec, "label": "safety"}, {**rec, "label": "value"}], (tmp_path / "red.png").read_bytes()
+
+
+def test_http_judge_sends_images_to_the_safety_judge_only(server, monkeypatch, tmp_path):
+    """SPEC: the safety judge reads the question with its image. The image goes as an OpenAI image_url
+    part (a data: URL of the file's bytes) before the text; the value judge gets text only; a judge
+    marked text-only gets text only; an unreadable image is a counted judge failure, not a crash."""
+    import base64
+    samples, png = image_samples(tmp_path)
+    V.score_batch(samples, ["<think>a</think> b"] * 2, judges={"safety": _judge(server, "img", monkeypatch),
+                                                               "value": _judge(server, "img", monkeypatch)})
+    bodies = [b["messages"][0]["content"] for p, _, b in server.log if p.startswith("/img/")]
+    parts = [c for c in bodies if isinstance(c, list)]
+    assert len(bodies) == 2 and len(parts) == 1 and [p["type"] for p in parts[0]] == ["image_url", "text"]
+    url = parts[0][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == png
+    assert parts[0][1]["text"] == V.judge_prompt(V.SAFETY_PROMPT, samples[0], "b")
+    V.score_batch(samples[:1], ["<think>a</think> b"], judges={"safety": _judge(server, "txt", monkeypatch,
+                                                                                sees_images=False)})
+    assert [isinstance(b["messages"][0]["content"], str) for p, _, b in server.log if p.startswith("/txt/")] == [True]
+    gone = [{**samples[0], "images": ["missing.png"]}]
+    _, m = V.score_batch(gone, ["<think>a</think> b"], judges={"safety": _judge(server, "img", monkeypatch)})
+    assert m["count/judge_failed/safety"] == 1
+
+
+def test_local_judge_gets_image_paths_when_it_sees_images(tmp_path):
+    samples, _ = image_samples(tmp_path)
+    seen = []
+
+    def generate_fn(prompts, n, cands, images=None):
+        seen.append(images)
+        return ["Verdict: Safe with warning" if "Verdict" in p else "good" for p in prompts]
+    V.score_batch(samples, ["<think>a</think> b"] * 2, judges={k: V.LocalJudge(generate_fn, sees_images=True)
+                                                               for k in ("safety", "value")})
+    # one call per verifier: value with no image, safety with the file
+    assert sorted(seen, key=lambda im: len(im[0])) == [[[]], [[str((tmp_path / "red.png").resolve())]]]
+    text_only = V.LocalJudge(lambda p, n, c: ["Verdict: Safe with warning"] * len(p))  # no images= argument
+    rewards, m = V.score_batch(samples[:1], ["<think>a</think> b"], judges={"safety": text_only})
+    assert m["per_sample"][0]["safety_verdict"] == "Safe with warning"
+
+
 def test_http_judge_success_with_logprobs_and_bearer_key(server, monkeypatch):
     judge = _judge(server, "ok", monkeypatch)
     samples = [{"label": "value", "prompt": "q1"}, {"label": "value", "prompt": "q2"},
