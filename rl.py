@@ -20,6 +20,7 @@ an `RLState` the stage can read.
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,8 @@ def setup(cfg):
     # copy per rank, or a tensor-parallel copy over each group of rollout_tp ranks (large models)
     rollout_model = qwen.build(policy.cfg, device="meta", dtype=dtype).eval()
     tp_mesh = parallel.make_mesh(d, tp=cfg.rollout_tp) if cfg.rollout_tp > 1 else None
+    if cfg.rollout_tp > int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)):
+        warnings.warn(f"rollout_tp={cfg.rollout_tp} spans nodes: every decode step all-reduces over the network")
     if tp_mesh is not None:
         parallel.apply_tp(rollout_model, tp_mesh)
     rollout_model.requires_grad_(False).to_empty(device=d.device)
