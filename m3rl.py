@@ -110,8 +110,7 @@ def in_process_judge(path, dist_):
         merge = judge.cfg.vision.spatial_merge_size
         content = ([*({"type": "image", "image": p} for p in paths), {"type": "text", "text": prompt}] if paths
                    else prompt)
-        images = [processor.process_image(p, merge_size=merge) for p in paths]
-        px, grid = (torch.cat([x for x, _ in images]), torch.cat([g for _, g in images])) if images else (None, None)
+        px, grid = processor.load_images(paths, None, merge_size=merge)
         text = processor.chat_text([{"role": "user", "content": content}], add_generation_prompt=True)
         return tok.encode(processor.expand_image_pads(text, grid, merge)), px, grid
 

@@ -227,10 +227,11 @@ def resolve_image(path, base_dir):
 
 
 def load_images(paths, base_dir, **image_kw):
-    """Images of one sample -> (pixel_values (N, D), image_grid_thw (n_images, 3)), or (None, None)."""
+    """Images of one sample -> (pixel_values (N, D), image_grid_thw (n_images, 3)), or (None, None).
+    base_dir None: the paths are resolved already (a judge's images, see verifiers._judge_images)."""
     if not paths:
         return None, None
-    out = [process_image(resolve_image(p, base_dir), **image_kw) for p in paths]
+    out = [process_image(p if base_dir is None else resolve_image(p, base_dir), **image_kw) for p in paths]
     return torch.cat([px for px, _ in out]), torch.cat([g for _, g in out])
 
 

@@ -116,6 +116,18 @@ def _dtype(name):
 # Setup
 
 
+def build_rollout_copy(model_cfg, device, dtype, tp_mesh=None):
+    """The sampler's copy in the compute dtype, uninitialised (refresh_sampler fills it from the
+    policy, like every later refresh): a full copy, or with tp_mesh a tensor-parallel copy shared by
+    the mesh's ranks (large models)."""
+    m = qwen.build(model_cfg, device="meta", dtype=dtype).eval()
+    if tp_mesh is not None:
+        parallel.apply_tp(m, tp_mesh)
+    m.requires_grad_(False).to_empty(device=device)
+    m.tie_weights()
+    return m
+
+
 def setup(cfg):
     """Policy (+ FSDP), frozen reference, rollout copy + sampler, optimizer, scheduler, logger."""
     d = parallel.init_distributed()
@@ -128,16 +140,10 @@ def setup(cfg):
 
     policy = build(ac=cfg.activation_checkpointing, freeze_vision=cfg.freeze_vision)
     ref = build(freeze_vision=True).requires_grad_(False).eval() if cfg.kl_coef > 0 else None
-    # the sampler's copy in the compute dtype, filled from the policy like every later refresh: a full
-    # copy per rank, or a tensor-parallel copy over each group of rollout_tp ranks (large models)
-    rollout_model = qwen.build(policy.cfg, device="meta", dtype=dtype).eval()
     tp_mesh = parallel.make_mesh(d, tp=cfg.rollout_tp) if cfg.rollout_tp > 1 else None
     if cfg.rollout_tp > int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)):
         warnings.warn(f"rollout_tp={cfg.rollout_tp} spans nodes: every decode step all-reduces over the network")
-    if tp_mesh is not None:
-        parallel.apply_tp(rollout_model, tp_mesh)
-    rollout_model.requires_grad_(False).to_empty(device=d.device)
-    rollout_model.tie_weights()
+    rollout_model = build_rollout_copy(policy.cfg, d.device, dtype, tp_mesh)
 
     tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.json")
                                  if cfg.init_from and os.path.exists(os.path.join(cfg.init_from, "tokenizer.json"))

@@ -198,6 +198,7 @@ def main(c):
                 i[0] ^= 1
                 q, kc, vc, t = sets[i[0]]
                 ops.paged_attention(q, kc, vc, t, lens, hd ** -0.5)
+            chosen = ops.tensor_cores
             for ops.tensor_cores in (False, True):  # CUDA-core kernel, tensor-core (mma.sync) kernel
                 q, kc, vc, t = sets[0]
                 want = sampler.paged_attention_ref(q, kc, vc, t, lens, hd ** -0.5)
@@ -209,7 +210,7 @@ def main(c):
                       f"{ctx} ctx: {ms * 1e3:.1f} us, {gb / (ms * 1e-3) / 1e12:.2f} TB/s = {gb / (ms * 1e-3) / bw:.0%} "
                       f"of copy bandwidth (splits {ops.ext.num_splits(B, nh, nkv, width, ops.tensor_cores)}, "
                       f"max |err| vs reference {err:.1e})")
-            ops.tensor_cores = os.environ.get("SAFELADDER_MMA_ATTENTION", "0") == "1"
+            ops.tensor_cores = chosen  # the engine's choice, for what follows
             del sets
 
     # ---- transformers generate, same shapes

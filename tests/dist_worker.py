@@ -282,11 +282,9 @@ def rollout(cfg, d):
     def run(smp):
         return [{"tokens": r.token_ids, "logprobs": r.logprobs} for r in smp.generate(sampler_requests(sampling))]
 
-    def tp_copy():  # as rl.setup builds it
-        m = parallel.apply_tp(model.build("tiny", device="meta"), parallel.make_mesh(d, tp=d.world_size))
-        m.requires_grad_(False).to_empty(device=d.device)
-        m.tie_weights()
-        return m
+    def tp_copy():
+        return rl.build_rollout_copy(model.get_config("tiny"), d.device, torch.float32,
+                                     parallel.make_mesh(d, tp=d.world_size))
 
     report = {}
     plain = model.build("tiny", seed=4).requires_grad_(False)
@@ -301,7 +299,7 @@ def rollout(cfg, d):
         report["unseeded"] = str(e)
 
     policy = parallel.build_for_training(d, "tiny", param_dtype=torch.float32, seed=7)
-    copies = {"tp": tp_copy(), "full": model.build("tiny", device=d.device).requires_grad_(False)}
+    copies = {"tp": tp_copy(), "full": rl.build_rollout_copy(model.get_config("tiny"), d.device, torch.float32)}
     states = {k: types.SimpleNamespace(policy=policy, rollout_model=m, sampler=sampling.Sampler(m))
               for k, m in copies.items()}
     for st in states.values():
